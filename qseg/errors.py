@@ -1,0 +1,34 @@
+"""The one exception hierarchy of qseg.
+
+Everything qseg raises on bad input derives from :class:`QsegError`, so a caller
+can catch the whole family at once. The subclasses also derive from the built-in
+exception a Python user would expect (``ValueError``), so generic handlers keep
+working.
+"""
+
+from __future__ import annotations
+
+__all__ = ["ExportError", "QsegError", "QuantizerError", "RecipeError", "TraceError"]
+
+
+class QsegError(Exception):
+    """Base class of every error qseg raises on purpose."""
+
+
+class QuantizerError(QsegError, ValueError):
+    """A quantizer was built with an invalid argument, or asked to do what it cannot.
+
+    The message names the argument and the range it accepts.
+    """
+
+
+class RecipeError(QsegError, ValueError):
+    """A recipe has an unknown key, a value of the wrong type or out of range."""
+
+
+class TraceError(QsegError, RuntimeError):
+    """The model could not be captured into a graph that reproduces it."""
+
+
+class ExportError(QsegError, RuntimeError):
+    """A model could not be converted or exported as asked."""

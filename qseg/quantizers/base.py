@@ -1,0 +1,152 @@
+"""What every quantizer shares: the module base class, the grid description used
+by the exporters, the straight-through autograd function and argument checks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from qseg.errors import QuantizerError
+
+__all__ = ["MAX_BITS", "QuantSpec", "Quantizer", "straight_through"]
+
+#: Widest magnitude (integer + fraction) any uniform quantizer accepts. Integer
+#: codes of this width are exact in float32 (24-bit significand), so a quantized
+#: float32 tensor and its integer codes describe the same values.
+MAX_BITS = 16
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """The uniform integer grid a quantizer's output lies on.
+
+    A quantized value ``y`` equals ``(code - zero_point) * scale`` for an integer
+    ``code`` in ``[qmin, qmax]``. ``scale`` is a 0-d tensor (per tensor) or a 1-d
+    tensor with one entry per slice along ``axis`` (per channel), always positive:
+    a data-dependent scale that comes out 0 (an all-zero tensor or slice, whose
+    values are all 0) is stored as 1 with codes 0. This is what the exporters turn
+    into ONNX QuantizeLinear/DequantizeLinear pairs.
+    """
+
+    scale: torch.Tensor
+    zero_point: int
+    qmin: int
+    qmax: int
+    axis: int | None = None
+
+    def __post_init__(self) -> None:
+        scale = torch.where(self.scale == 0, torch.ones_like(self.scale), self.scale)
+        object.__setattr__(self, "scale", scale)
+
+    def _broadcast_scale(self, like: torch.Tensor) -> torch.Tensor:
+        scale = self.scale.to(device=like.device)
+        if self.axis is None:
+            return scale
+        shape = [1] * like.dim()
+        shape[self.axis] = -1
+        return scale.reshape(shape)
+
+    def codes(self, y: torch.Tensor) -> torch.Tensor:
+        """Integer codes (as an int64 tensor) of a tensor that lies on this grid."""
+        scale = self._broadcast_scale(y)
+        return torch.round(y.to(scale.dtype) / scale).to(torch.int64) + self.zero_point
+
+    def dequantize(self, codes: torch.Tensor) -> torch.Tensor:
+        """Values of integer codes: ``(codes - zero_point) * scale``."""
+        scale = self._broadcast_scale(codes)
+        return (codes - self.zero_point).to(scale.dtype) * scale
+
+
+class Quantizer(nn.Module):
+    """Base class of qseg's quantizers.
+
+    A quantizer maps a tensor onto its grid in ``forward`` and passes a
+    straight-through gradient in backward. Subclasses declare how many bits a
+    stored value really needs (:attr:`bits`, sign included) and describe their
+    grid for export (:meth:`spec`). All state lives in buffers, so ``state_dict``
+    round-trips and loads with ``torch.load(weights_only=True)``.
+
+    Half-precision inputs (float16, bfloat16) are quantized in float32 and the
+    result cast back, so the output is the grid value rounded to the input's
+    dtype. A NaN input gives NaN at that position (quantizers whose grid depends
+    on the whole tensor, such as :class:`Ternary`, give NaN everywhere), never a
+    silent number.
+    """
+
+    @property
+    def bits(self) -> int:
+        """Bits one stored value needs, sign included."""
+        raise NotImplementedError
+
+    def spec(self, x: torch.Tensor) -> QuantSpec | None:
+        """The integer grid ``self(x)`` lies on, or ``None`` when it is not uniform.
+
+        ``x`` is the tensor that will be quantized: quantizers whose grid depends
+        on the data (ternary scale, DoReFa) need it; the others ignore it.
+        """
+        raise NotImplementedError
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Returns ``q`` in forward; passes the incoming gradient to ``x`` in backward,
+    multiplied by ``mask`` where one is given."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, q: torch.Tensor, mask: torch.Tensor | None):  # noqa: ARG004
+        ctx.has_mask = mask is not None
+        if mask is not None:
+            ctx.save_for_backward(mask)
+        return q
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        if ctx.has_mask:
+            (mask,) = ctx.saved_tensors
+            grad = grad * mask
+        return grad, None, None
+
+
+def straight_through(x: torch.Tensor, q: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``q`` in the forward pass, with the gradient of the identity (times ``mask``)
+    flowing to ``x``.
+
+    ``q`` must be computed from ``x`` without autograd. Unlike the common
+    ``x + (q - x).detach()``, the forward value is exactly ``q`` (no float
+    cancellation, and an infinite ``x`` does not turn into NaN).
+    """
+    return _StraightThrough.apply(x, q, mask)
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a quantizer computes in: float32 for half types, else the input's."""
+    if not x.is_floating_point():
+        raise QuantizerError(f"quantizers take floating-point tensors, got dtype {x.dtype}")
+    if x.dtype in (torch.float16, torch.bfloat16):
+        return torch.float32
+    return x.dtype
+
+
+def check_int(name: str, value: object, lo: int, hi: int) -> int:
+    """``value`` as an int in ``[lo, hi]``, or a QuantizerError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise QuantizerError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
+    if not lo <= value <= hi:
+        raise QuantizerError(f"{name} must be in [{lo}, {hi}], got {value}")
+    return value
+
+
+def check_choice(name: str, value: object, choices: tuple) -> object:
+    """``value`` if it is one of ``choices``, else a QuantizerError naming ``name``."""
+    if value not in choices:
+        allowed = ", ".join(repr(c) for c in choices)
+        raise QuantizerError(f"{name} must be one of {allowed}; got {value!r}")
+    return value
+
+
+def check_axis(name: str, axis: int | None) -> int | None:
+    """A channel axis: ``None`` (per tensor) or a non-negative int."""
+    if axis is None:
+        return None
+    return check_int(name, axis, 0, 7)

@@ -1,0 +1,79 @@
+"""One-bit quantizers: BNN's sign (paper A's BNN baseline) and DoReFa's mean-scaled
+sign for 1-bit weights (paper B's DoReFa baseline)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from qseg.errors import QuantizerError
+from qseg.quantizers.base import Quantizer, QuantSpec, check_choice, compute_dtype, straight_through
+
+__all__ = ["Binary"]
+
+
+def sign_plus(x: torch.Tensor) -> torch.Tensor:
+    """``sign(x)`` with 0 mapped to +1, NaN kept: exactly two finite values."""
+    return torch.where(x >= 0, 1.0, torch.where(torch.isnan(x), x, -1.0))
+
+
+def mean_abs(x: torch.Tensor) -> torch.Tensor:
+    """``E|x|`` over the whole tensor, as a 0-d tensor (detached)."""
+    return x.detach().abs().mean()
+
+
+class Binary(Quantizer):
+    """Binarizes to ``{-1, +1}`` (``scale="none"``) or ``{-E|x|, +E|x|}`` (``scale="mean"``).
+
+    ``scale="none"`` is BNN (Hubara et al. 2016): ``sign(x)`` with ``sign(0) = +1``
+    and gradient ``g * 1[|x| <= 1]``; use it for weights and activations.
+    ``scale="mean"`` is DoReFa's 1-bit weight: ``sign(x) * E|x|`` with the mean
+    taken over the whole tensor and held constant in backward, gradient the
+    identity (a NaN anywhere makes every output NaN).
+
+    Paper A's BNN also clips the latent float weights to [-1, 1] after each
+    optimizer step; that belongs to the training recipe, not to this module.
+
+    Example:
+        >>> import torch
+        >>> Binary()(torch.tensor([0.3, -2.0, 0.0]))
+        tensor([ 1., -1.,  1.])
+        >>> Binary(scale="mean")(torch.tensor([0.5, -1.0, 1.5]))
+        tensor([ 1., -1.,  1.])
+    """
+
+    def __init__(self, scale: Literal["none", "mean"] = "none") -> None:
+        super().__init__()
+        self.scale = check_choice("scale", scale, ("none", "mean"))
+
+    @property
+    def bits(self) -> int:
+        return 1
+
+    def spec(self, x: torch.Tensor | None = None) -> QuantSpec:
+        if self.scale == "none":
+            scale = torch.tensor(1.0)
+        else:
+            if x is None:
+                raise QuantizerError("Binary(scale='mean').spec needs the tensor it quantizes")
+            scale = mean_abs(x.to(compute_dtype(x)))
+        # codes are +-1; 0 lies inside [qmin, qmax] but is never produced
+        return QuantSpec(scale=scale, zero_point=0, qmin=-1, qmax=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() == 0:
+            return x.clone()
+        dtype = compute_dtype(x)
+        with torch.no_grad():
+            xc = x.detach().to(dtype)
+            q = sign_plus(xc)
+            if self.scale == "none":
+                mask = (xc.abs() <= 1).to(dtype)
+            else:
+                q = q * mean_abs(xc)
+                mask = None
+        return straight_through(x, q.to(x.dtype), mask)
+
+    def extra_repr(self) -> str:
+        return f"scale={self.scale!r}"

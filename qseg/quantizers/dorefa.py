@@ -1,0 +1,74 @@
+"""DoReFa-Net k-bit weights (Zhou et al. 2016), paper B's DoReFa baseline."""
+
+from __future__ import annotations
+
+import torch
+
+from qseg.quantizers.base import Quantizer, QuantSpec, check_int, compute_dtype, straight_through
+from qseg.quantizers.binary import Binary
+
+__all__ = ["DoReFa"]
+
+
+class DoReFa(Quantizer):
+    """DoReFa weights: ``w' = tanh(w) / (2 max|tanh(w)|) + 0.5``,
+    ``q = round(w' (2^k - 1)) / (2^k - 1)``, output ``2q - 1``.
+
+    The ``2^k`` levels are odd multiples of ``1/(2^k - 1)`` in ``[-1, 1]`` (no zero).
+    qseg computes the output as ``code * scale`` with the odd integer
+    ``code = 2 round(w' (2^k - 1)) - (2^k - 1)`` and ``scale = 1/(2^k - 1)`` rounded
+    once to the compute dtype, so the exported codes reproduce it exactly; this
+    differs from evaluating ``2q - 1`` literally by at most one float rounding.
+    The gradient is straight-through at the rounding only and flows through
+    ``tanh`` and the max, as in DoReFa. ``bits=1`` is DoReFa's special case
+    ``sign(w) * E|w|``, computed by :class:`Binary` with ``scale="mean"``.
+    A NaN anywhere makes every output NaN (the max defines the grid).
+
+    Args:
+        bits: ``k`` in ``[1, 16]``.
+
+    Example:
+        >>> import torch
+        >>> DoReFa(2)(torch.tensor([-1.0, -0.1, 0.1, 1.0]))
+        tensor([-1.0000, -0.3333,  0.3333,  1.0000])
+    """
+
+    def __init__(self, bits: int) -> None:
+        super().__init__()
+        self._bits = check_int("bits", bits, 1, 16)
+        self._binary = Binary(scale="mean") if bits == 1 else None
+
+    @property
+    def bits(self) -> int:
+        return self._bits
+
+    @property
+    def levels(self) -> int:
+        """``2^k - 1``: the number of steps between -1 and +1."""
+        return 2**self._bits - 1
+
+    def spec(self, x: torch.Tensor | None = None) -> QuantSpec:
+        if self._binary is not None:
+            return self._binary.spec(x)
+        dtype = torch.float32 if x is None else compute_dtype(x)
+        n = self.levels
+        return QuantSpec(scale=torch.tensor(1.0 / n, dtype=dtype), zero_point=0, qmin=-n, qmax=n)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._binary is not None:
+            return self._binary(x)
+        if x.numel() == 0:
+            return x.clone()
+        n = self.levels
+        t = torch.tanh(x.to(compute_dtype(x)))
+        # an all-zero tensor has max|tanh| = 0: map it to w' = 0.5 instead of 0/0
+        peak = t.abs().max()
+        peak = torch.where(peak > 0, peak, torch.ones_like(peak))
+        unit = t / (2 * peak) + 0.5
+        scaled = unit * n
+        j = straight_through(scaled, torch.round(scaled.detach()))
+        scale = torch.tensor(1.0 / n, dtype=t.dtype, device=t.device)
+        return ((2 * j - n) * scale).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"bits={self._bits}"
