@@ -19,8 +19,11 @@ def sign_plus(x: torch.Tensor) -> torch.Tensor:
 
 
 def mean_abs(x: torch.Tensor) -> torch.Tensor:
-    """``E|x|`` over the whole tensor, as a 0-d tensor (detached)."""
-    return x.detach().abs().mean()
+    """``E|x|`` over the whole tensor, as a 0-d tensor of ``x``'s dtype (detached).
+
+    Accumulated in float64: a float32 sum of large weights can overflow where the
+    mean itself is representable."""
+    return x.detach().abs().mean(dtype=torch.float64).to(x.dtype)
 
 
 class Binary(Quantizer):

@@ -63,7 +63,7 @@ class DoReFa(Quantizer):
         t = torch.tanh(x.to(compute_dtype(x)))
         # an all-zero tensor has max|tanh| = 0: map it to w' = 0.5 instead of 0/0
         peak = t.abs().max()
-        peak = torch.where(peak > 0, peak, torch.ones_like(peak))
+        peak = torch.where(peak == 0, torch.ones_like(peak), peak)
         unit = t / (2 * peak) + 0.5
         scaled = unit * n
         j = straight_through(scaled, torch.round(scaled.detach()))

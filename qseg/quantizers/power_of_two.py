@@ -129,8 +129,10 @@ class PowerOfTwo(Quantizer):
         p = nearest_exponent(mag).clamp_(n2, n1)
         p = torch.where(torch.isinf(mag), n1, p)
         power = torch.ldexp(torch.ones_like(mag), p)
-        # below 2^(n2-1), the midpoint between 0 and 2^n2, the nearest value is 0
-        q = torch.where(mag < 2.0 ** (n2 - 1), torch.zeros_like(mag), power)
+        # below 2^(n2-1), the midpoint between 0 and 2^n2, the nearest value is 0; that
+        # midpoint can underflow to 0 in the compute dtype, so 0 itself is tested too
+        to_zero = (mag < 2.0 ** (n2 - 1)) | (mag == 0)
+        q = torch.where(to_zero, torch.zeros_like(mag), power)
         q = torch.copysign(q, x)
         return torch.where(torch.isnan(x), x, q)
 

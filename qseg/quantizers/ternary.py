@@ -49,12 +49,14 @@ class Ternary(Quantizer):
                     f"channel_axis={self.channel_axis} is out of range for a tensor of shape {tuple(x.shape)}"
                 )
             dims = tuple(d for d in range(x.dim()) if d != self.channel_axis)
-        delta = 0.7 * mag.mean(dim=dims, keepdim=True)
+        # statistics accumulate in float64: a float32 sum of large weights can
+        # overflow where the mean itself is representable
+        delta = 0.7 * mag.mean(dim=dims, keepdim=True, dtype=torch.float64)
         above = mag > delta
         count = above.sum(dim=dims, keepdim=True).clamp(min=1)
-        alpha = (mag * above).sum(dim=dims, keepdim=True) / count
+        alpha = (mag * above).sum(dim=dims, keepdim=True, dtype=torch.float64) / count
         alpha = torch.where(torch.isfinite(delta), alpha, torch.full_like(alpha, float("nan")))
-        return delta, alpha
+        return delta, alpha.to(x.dtype)
 
     def spec(self, x: torch.Tensor | None = None) -> QuantSpec:
         if x is None:
