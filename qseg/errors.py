@@ -32,3 +32,8 @@ class TraceError(QsegError, RuntimeError):
 
 class ExportError(QsegError, RuntimeError):
     """A model could not be converted or exported as asked."""
+
+
+class ModelError(QsegError, ValueError):
+    """A bundled reference model was built with an invalid argument, or given an
+    input size it cannot take. The message names the argument and what it accepts."""
