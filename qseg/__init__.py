@@ -1,7 +1,9 @@
 """qseg: quantization-aware training and deployment for PyTorch segmentation models."""
 
-from qseg import errors, quantizers
+from qseg import errors, quantizers, recipes
 from qseg.errors import ExportError, ModelError, QsegError, QuantizerError, RecipeError, TraceError
+from qseg.prepare import prepare
+from qseg.recipes import Recipe
 
 __version__ = "0.1.0"
 
@@ -10,9 +12,12 @@ __all__ = [
     "ModelError",
     "QsegError",
     "QuantizerError",
+    "Recipe",
     "RecipeError",
     "TraceError",
     "__version__",
     "errors",
+    "prepare",
     "quantizers",
+    "recipes",
 ]

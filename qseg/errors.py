@@ -23,7 +23,28 @@ class QuantizerError(QsegError, ValueError):
 
 
 class RecipeError(QsegError, ValueError):
-    """A recipe has an unknown key, a value of the wrong type or out of range."""
+    """A recipe has an unknown key, a value of the wrong type or out of range.
+
+    ``path`` is the key path of the offending value (``overrides[1].weights.frac_bits``),
+    ``message`` what is wrong with it; ``str()`` gives both.
+    """
+
+    def __init__(self, message: str, path: str = "") -> None:
+        self.message = message
+        self.path = path
+        super().__init__(f"{path}: {message}" if path else message)
+
+    def nested(self, prefix: str) -> RecipeError:
+        """The same error seen from a mapping one level up, under the key ``prefix``."""
+        if not prefix:
+            return self
+        if not self.path:
+            path = prefix
+        elif self.path.startswith("["):
+            path = f"{prefix}{self.path}"
+        else:
+            path = f"{prefix}.{self.path}"
+        return RecipeError(self.message, path)
 
 
 class TraceError(QsegError, RuntimeError):

@@ -1,0 +1,43 @@
+"""Insert the activation quantizers the policy placed (after BatchNorm by default)."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+
+from torch import fx
+
+from qseg.graph import free_attr_name
+from qseg.nn import ActQuant
+from qseg.policy import ActDecision
+
+__all__ = ["insert_act_quant"]
+
+
+def insert_act_quant(
+    gm: fx.GraphModule, decisions: Iterable[ActDecision], inplace: bool = False
+) -> fx.GraphModule:
+    """A copy of ``gm`` with an :class:`~qseg.nn.ActQuant` after each decided node.
+
+    The quantizer module is named after the node it follows
+    (``enc1_bn1_act_quant``). With ``decision.before`` empty every use of the
+    node's output reads the quantized value (after BatchNorm, the following ReLU
+    and the skip connection alike); otherwise only the named consumers do.
+    """
+    if not inplace:
+        gm = copy.deepcopy(gm)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for d in decisions:
+        source = nodes[d.after]
+        name = free_attr_name(gm, f"{d.after}_act_quant")
+        gm.add_submodule(name, ActQuant(d.config.build(), d.rule))
+        with gm.graph.inserting_after(source):
+            quantized = gm.graph.call_module(name, (source,))
+        if d.before:
+            for consumer in d.before:
+                nodes[consumer].replace_input_with(source, quantized)
+        else:
+            source.replace_all_uses_with(quantized, delete_user_cb=lambda user, q=quantized: user is not q)
+    gm.graph.lint()
+    gm.recompile()
+    return gm

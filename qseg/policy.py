@@ -1,0 +1,189 @@
+"""Turns a :class:`~qseg.recipes.Recipe` and a captured graph into one decision per
+layer and per activation site, each with its reason. The passes carry the
+decisions out; the report shows them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import fx
+
+from qseg import graph as g
+from qseg.recipes import INHERIT, QuantizerConfig, Recipe
+
+__all__ = ["ActDecision", "LayerDecision", "Plan", "plan"]
+
+
+@dataclass(frozen=True)
+class LayerDecision:
+    """What happens to one weighted layer.
+
+    ``weights`` is the quantizer config, or ``None`` when the layer stays float;
+    ``reason`` says which rule decided (``"recipe"``, ``"first layer"``,
+    ``"override 0 (type=Linear)"``...).
+    """
+
+    layer: g.WeightedLayer
+    weights: QuantizerConfig | None
+    reason: str
+    activations: QuantizerConfig | None
+
+
+@dataclass(frozen=True)
+class ActDecision:
+    """An activation quantizer to insert.
+
+    It goes after node ``after``; with ``before`` empty it replaces every use of
+    that node's output, otherwise only the uses by the nodes named in ``before``
+    (the ``conv_input`` placement). ``owner`` is the layer it serves (for
+    overrides and the report), ``rule`` why it stands there, ``note`` any
+    adjustment (a signed grid where the value can be negative).
+    """
+
+    after: str
+    config: QuantizerConfig
+    rule: str
+    owner: str | None = None
+    before: tuple[str, ...] = ()
+    note: str = ""
+
+
+@dataclass
+class Plan:
+    """Every decision ``prepare`` takes for one model."""
+
+    layers: list[LayerDecision]
+    activations: list[ActDecision] = field(default_factory=list)
+    # activation sites that got no quantizer, and why
+    skipped: list[str] = field(default_factory=list)
+    # the quantizer of sites that serve no layer (a BatchNorm after an addition, say)
+    default_activations: QuantizerConfig | None = None
+
+
+def _override_desc(index: int, override) -> str:
+    parts = [f"{k}={v}" for k in ("name", "regex", "type") if (v := getattr(override, k)) is not None]
+    return f"override {index} ({', '.join(parts)})"
+
+
+def _decide_layers(gm: fx.GraphModule, recipe: Recipe) -> list[LayerDecision]:
+    layers = g.weighted_layers(gm)
+    first, last = g.first_and_last(gm, [layer.node for layer in layers])
+    decisions = []
+    for layer in layers:
+        weights, reason = recipe.weights, "recipe"
+        if weights is None:
+            reason = "recipe quantizes no weights"
+        if recipe.keep_float.first and layer.node in first:
+            weights, reason = None, "first layer"
+        elif recipe.keep_float.last and layer.node in last:
+            weights, reason = None, "last layer"
+        activations = recipe.activations
+        for i, override in enumerate(recipe.overrides):
+            if not override.matches(layer.name, layer.type_name):
+                continue
+            if override.weights is not INHERIT:
+                weights, reason = override.weights, _override_desc(i, override)
+            if override.activations is not INHERIT:
+                activations = override.activations
+        decisions.append(LayerDecision(layer, weights, reason, activations))
+    return decisions
+
+
+def _signed_if_needed(
+    config: QuantizerConfig, can_be_negative: bool, why: str
+) -> tuple[QuantizerConfig, str]:
+    if config.signed or not can_be_negative:
+        return config, ""
+    return config.as_signed(), f"signed: {why}"
+
+
+def _after_norm_sites(gm: fx.GraphModule, decisions: list[LayerDecision], plan_: Plan) -> None:
+    by_node = {d.layer.node: d for d in decisions}
+    nodes = {n.name: n for n in gm.graph.nodes}
+    feeds_weighted = g.weighted_downstream(gm, by_node)
+    sites: list[tuple[fx.Node, LayerDecision | None, str]] = []
+    for node in gm.graph.nodes:
+        if g.is_batch_norm(gm, node):
+            source = node.args[0] if node.args else None
+            owner = by_node.get(source.name) if isinstance(source, fx.Node) else None
+            sites.append((node, owner, "after BatchNorm"))
+    for d in decisions:
+        current = nodes[d.layer.node]
+        site = None
+        while len(current.users) == 1:
+            user = next(iter(current.users))
+            if g.is_batch_norm(gm, user):
+                break
+            if g.is_other_norm(gm, user):
+                current = user
+                continue
+            if g.is_activation(gm, user):
+                site = user
+            break
+        if site is not None:
+            sites.append((site, d, "after activation (no BatchNorm)"))
+        elif feeds_weighted[current.name] and not any(g.is_batch_norm(gm, u) for u in current.users):
+            plan_.skipped.append(
+                f"{d.layer.name}: no activation quantizer (no BatchNorm or activation follows; "
+                f"its output feeds {', '.join(u.name for u in current.users) or 'nothing'})"
+            )
+    for node, owner, rule in sites:
+        label = owner.layer.name if owner else node.name
+        if not feeds_weighted[node.name]:
+            plan_.skipped.append(f"{label}: output reaches the model output without another weighted layer")
+            continue
+        config = owner.activations if owner else plan_.default_activations
+        if config is None:
+            plan_.skipped.append(f"{label}: activations kept float by the recipe")
+            continue
+        if rule == "after BatchNorm":
+            users = list(node.users)
+            negative = not users or not all(g.is_relu(gm, u) for u in users)
+            why = f"{node.name} feeds {', '.join(u.name for u in users)}, not only a ReLU"
+        else:
+            negative = not g.is_nonnegative(gm, node)
+            why = f"{node.name} can output negative values"
+        config, note = _signed_if_needed(config, negative, why)
+        plan_.activations.append(
+            ActDecision(node.name, config, rule, owner.layer.name if owner else None, (), note)
+        )
+
+
+def _conv_input_sites(gm: fx.GraphModule, decisions: list[LayerDecision], plan_: Plan) -> None:
+    nodes = {n.name: n for n in gm.graph.nodes}
+    groups: dict[str, list[LayerDecision]] = {}
+    for d in decisions:
+        if d.weights is None:
+            continue
+        if d.activations is None:
+            plan_.skipped.append(f"{d.layer.name}: activations kept float by the recipe")
+            continue
+        source = nodes[d.layer.node].args[0]
+        groups.setdefault(source.name, []).append(d)
+    for source, users in groups.items():
+        config = users[0].activations
+        config, note = _signed_if_needed(
+            config, not g.is_nonnegative(gm, nodes[source]), f"{source} can output negative values"
+        )
+        plan_.activations.append(
+            ActDecision(
+                source,
+                config,
+                "on the input of a quantized layer",
+                users[0].layer.name,
+                tuple(d.layer.node for d in users),
+                note,
+            )
+        )
+
+
+def plan(gm: fx.GraphModule, recipe: Recipe) -> Plan:
+    """Every decision for ``gm`` under ``recipe`` (the graph is only read)."""
+    decisions = _decide_layers(gm, recipe)
+    result = Plan(decisions, default_activations=recipe.activations)
+    if recipe.activations is not None or any(d.activations is not None for d in decisions):
+        if recipe.activation_placement == "after_norm":
+            _after_norm_sites(gm, decisions, result)
+        else:
+            _conv_input_sites(gm, decisions, result)
+    return result

@@ -1,0 +1,108 @@
+"""The layer report of a prepared model (``qmodel.qseg_report``): one row per
+weighted layer saying how it is quantized or why it stays float, the activation
+quantizers and where they stand, and the weight sizes before and after."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+__all__ = ["ActRow", "LayerRow", "QsegReport"]
+
+
+@dataclass(frozen=True)
+class LayerRow:
+    """One weighted layer.
+
+    ``weights`` is the quantizer (``FixedPoint(int_bits=0, frac_bits=4, signed=True)``)
+    or ``float: <reason>``; ``activation`` the quantizer placed for this layer and
+    where; ``bits`` the stored bits per weight (32 in float); ``bytes`` what its
+    weights, scales and float32 biases take.
+    """
+
+    name: str
+    op: str
+    weights: str
+    activation: str
+    params: int
+    bits: int
+    bytes: float
+
+
+@dataclass(frozen=True)
+class ActRow:
+    """One activation quantizer: the node it follows, the quantizer, the rule that
+    placed it, the layer it serves and any adjustment made."""
+
+    after: str
+    quantizer: str
+    rule: str
+    owner: str | None
+    note: str = ""
+
+
+@dataclass
+class QsegReport:
+    """What ``qseg.prepare`` did to a model, for people (``print(report)``) and
+    programs (:meth:`to_dict`)."""
+
+    recipe: str
+    capture: str
+    layers: list[LayerRow]
+    activations: list[ActRow]
+    dropout_removed: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def float_bytes(self) -> int:
+        """Bytes of the weighted layers' parameters in float32."""
+        return 4 * sum(row.params for row in self.layers)
+
+    @property
+    def quantized_bytes(self) -> float:
+        """Bytes of the same parameters as the recipe stores them."""
+        return sum(row.bytes for row in self.layers)
+
+    @property
+    def quantized_layers(self) -> list[str]:
+        return [row.name for row in self.layers if not row.weights.startswith("float")]
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["float_bytes"] = self.float_bytes
+        out["quantized_bytes"] = self.quantized_bytes
+        return out
+
+    def __str__(self) -> str:
+        head = ("layer", "op", "weights", "activation quantizer", "params", "bits")
+        rows = [(r.name, r.op, r.weights, r.activation, f"{r.params:,}", str(r.bits)) for r in self.layers]
+        widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(head)]
+
+        def line(cells: tuple[str, ...]) -> str:
+            return "  ".join(
+                c.rjust(w) if i >= 4 else c.ljust(w)
+                for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+            ).rstrip()
+
+        out = [f"qseg report: recipe {self.recipe!r}, captured with {self.capture}", line(head)]
+        out.append(line(tuple("-" * w for w in widths)))
+        out.extend(line(row) for row in rows)
+        ratio = self.quantized_bytes / self.float_bytes if self.float_bytes else 1.0
+        quantized = len(self.quantized_layers)
+        out.append(
+            f"{quantized} of {len(self.layers)} weighted layers quantized; weights {self.float_bytes / 1e6:.3f} MB "
+            f"float32 -> {self.quantized_bytes / 1e6:.3f} MB ({ratio:.3f}x; biases and scales in float32)"
+        )
+        unowned = [a for a in self.activations if a.owner is None]
+        if unowned:
+            out.append("activation quantizers serving no single layer:")
+            out.extend(f"  after {a.after}: {a.quantizer} ({a.rule})" for a in unowned)
+        adjusted = [a for a in self.activations if a.note]
+        if adjusted:
+            out.append("adjusted activation quantizers:")
+            out.extend(f"  after {a.after}: {a.note}" for a in adjusted)
+        if self.dropout_removed:
+            out.append(f"dropout removed: {', '.join(self.dropout_removed)}")
+        if self.notes:
+            out.append("notes:")
+            out.extend(f"  {n}" for n in self.notes)
+        return "\n".join(out)

@@ -1,0 +1,81 @@
+"""The fallback path: apply a :class:`~qseg.policy.Plan` to an eager model by
+swapping modules and adding hooks, for models that FX cannot capture faithfully.
+
+Decisions are taken on the module-level graph built from ``torch.export``
+(:func:`qseg.graph.export_module_graph`); here they become changes to a copy of
+the model: quantized layers change class in place (parameter names stay), an
+activation quantizer becomes the child ``act_quant`` of the module whose output
+it quantizes, called by a forward hook (or ``input_quant``, called by a forward
+pre-hook, for the ``conv_input`` placement), and dropout modules become
+``nn.Identity``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from torch import fx, nn
+
+from qseg import graph as g
+from qseg.nn import ActQuant, quantize_module
+from qseg.policy import Plan
+
+__all__ = ["apply_plan", "strip_dropout_modules"]
+
+
+def _quantize_output(module: nn.Module, args: tuple, output: object) -> object:  # noqa: ARG001
+    return module.act_quant(output)
+
+
+def _quantize_input(module: nn.Module, args: tuple) -> tuple:
+    return (module.input_quant(args[0]), *args[1:])
+
+
+def strip_dropout_modules(model: nn.Module) -> list[str]:
+    """Replace every dropout module of ``model`` by ``nn.Identity``, in place;
+    returns their names."""
+    names = [name for name, m in model.named_modules() if isinstance(m, g.DROPOUT_MODULES)]
+    for name in names:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, nn.Identity())
+    return names
+
+
+def apply_plan(model: nn.Module, graph_module: fx.GraphModule, plan: Plan) -> Plan:
+    """Carry out ``plan`` on ``model`` in place; returns the plan as applied.
+
+    What a module swap cannot express (a quantizer on a functional call's weight
+    or after a function's output) is moved from the decisions to the plan's
+    ``skipped`` notes, so the report says what was not done.
+    """
+    applied = Plan([], [], list(plan.skipped), plan.default_activations)
+    for d in plan.layers:
+        if d.weights is not None and d.layer.functional:
+            applied.skipped.append(
+                f"{d.layer.name}: functional {d.layer.type_name} kept float on the fallback path"
+            )
+            d = replace(d, weights=None, reason="functional call (fallback path)")
+        elif d.weights is not None:
+            quantize_module(model.get_submodule(d.layer.name), d.weights.build())
+        applied.layers.append(d)
+    nodes = {n.name: n for n in graph_module.graph.nodes}
+    for a in plan.activations:
+        if a.before:
+            for consumer in a.before:
+                module = model.get_submodule(nodes[consumer].target)
+                module.add_module("input_quant", ActQuant(a.config.build(), a.rule))
+                module.register_forward_pre_hook(_quantize_input)
+            applied.activations.append(a)
+            continue
+        node = nodes[a.after]
+        if node.op != "call_module":
+            applied.skipped.append(
+                f"{a.after}: no activation quantizer after a function call on the fallback path"
+            )
+            continue
+        module = model.get_submodule(node.target)
+        if not hasattr(module, "act_quant"):
+            module.add_module("act_quant", ActQuant(a.config.build(), a.rule))
+            module.register_forward_hook(_quantize_output)
+        applied.activations.append(replace(a, after=node.target))
+    return applied

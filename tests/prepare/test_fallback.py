@@ -1,0 +1,104 @@
+"""Models FX cannot capture faithfully: the mis-trace is caught and the
+torch.export + module-swap path quantizes them; the untraceable raise TraceError."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import qseg
+from qseg.nn import ActQuant, QuantConv2d
+
+
+class MisTraced(nn.Module):
+    """FX traces it without error into a wrong graph, like MONAI's BasicUNet:
+    ``torch.jit.isinstance`` is False on a proxy, so the skip is dropped."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.c2, self.b2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.drop = nn.Dropout2d(0.3)
+        self.c3, self.b3 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.head = nn.Conv2d(8, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.b1(self.c1(x)))
+        z = F.relu(self.b2(self.c2(self.drop(y))))
+        if torch.jit.isinstance(y, torch.Tensor):
+            z = z + y
+        return self.head(self.b3(self.c3(z)))
+
+
+class DataDependent(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(1, 4, 3, padding=1)
+        self.c2 = nn.Conv2d(4, 1, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.c1(x)
+        if y.mean() > 0:
+            y = -y
+        return self.c2(y)
+
+
+def test_mis_trace_is_detected_and_the_fallback_quantizes():
+    torch.manual_seed(0)
+    model = MisTraced()
+    x = torch.randn(2, 1, 16, 16)
+    q = qseg.prepare(model, example_inputs=x)
+    report = q.qseg_report
+    assert "torch.export + module swap" in report.capture
+    assert "does not reproduce the model" in report.capture
+    rows = {r.name: r for r in report.layers}
+    assert rows["c1"].weights == "float: first layer" and rows["head"].weights == "float: last layer"
+    assert type(q.c2) is QuantConv2d and type(q.c3) is QuantConv2d
+    assert isinstance(q.b1.act_quant, ActQuant) and isinstance(q.b2.act_quant, ActQuant)
+    # b2 feeds the residual add, not only a ReLU... but through F.relu: the policy sees the aten relu
+    assert {a.after for a in report.activations} == {"b1", "b2", "b3"}
+    assert report.dropout_removed == ["drop"] and isinstance(q.drop, nn.Identity)
+    # the user's model is untouched, the copy computes the eager model's function when bypassed
+    assert type(model.c2) is nn.Conv2d and not hasattr(model.b1, "act_quant")
+    q.eval()
+    model.eval()
+    for m in q.modules():
+        if isinstance(m, ActQuant):
+            m.quantizer = nn.Identity()
+        if hasattr(m, "weight_quant"):
+            m.weight_quant = nn.Identity()
+    torch.testing.assert_close(q(x), model(x))
+
+
+def test_fallback_model_keeps_names_trains_and_round_trips():
+    torch.manual_seed(0)
+    model = MisTraced()
+    x = torch.randn(2, 1, 16, 16)
+    q = qseg.prepare(model, example_inputs=x)
+    assert [n for n, _ in q.named_parameters()] == [n for n, _ in model.named_parameters()]
+    q.load_state_dict(model.state_dict(), strict=True)
+    opt = torch.optim.Adam(q.parameters(), 1e-2)
+    before = q.c2.weight.detach().clone()
+    loss = q(x).pow(2).mean()
+    loss.backward()
+    opt.step()
+    assert torch.isfinite(loss) and not torch.equal(before, q.c2.weight)
+    buf = io.BytesIO()
+    torch.save(q, buf)  # the hooks are module-level functions: the whole model pickles
+    buf.seek(0)
+    again = torch.load(buf, weights_only=False)
+    q.eval()
+    again.eval()
+    assert torch.equal(q(x), again(x))
+
+
+def test_untraceable_model_raises_trace_error_naming_the_line():
+    with pytest.raises(qseg.TraceError) as info:
+        qseg.prepare(DataDependent(), example_inputs=torch.randn(1, 1, 8, 8))
+    message = str(info.value)
+    assert "test_fallback.py" in message and "if y.mean() > 0" in message
+    assert "torch.fx" in message and "torch.export" in message and "What to do" in message
