@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from torch import fx
+from torch import fx, nn
 
 from qseg import graph as g
 from qseg.recipes import INHERIT, QuantizerConfig, Recipe
@@ -114,7 +114,7 @@ def _after_norm_sites(gm: fx.GraphModule, decisions: list[LayerDecision], plan_:
             user = next(iter(current.users))
             if g.is_batch_norm(gm, user):
                 break
-            if g.is_other_norm(gm, user):
+            if g.is_other_norm(gm, user) or isinstance(g.module_of(gm, user), nn.Identity):
                 current = user
                 continue
             if g.is_activation(gm, user):
