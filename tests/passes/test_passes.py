@@ -64,7 +64,7 @@ def conv_bn_net() -> fx.GraphModule:
             nn.BatchNorm2d(4),
             nn.ReLU(),
             nn.Conv2d(4, 2, 1),
-        )  # fmt: skip
+        )
     )
 
 
