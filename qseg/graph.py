@@ -593,3 +593,94 @@ def export_module_graph(model: nn.Module, example_inputs: tuple) -> fx.GraphModu
         elif node.op == "output":
             graph.output(mapped(node.args[0]))
     return fx.GraphModule(model, graph, type(model).__name__)
+
+
+# ops whose output lies on its input's grid: they select, move or pad values, never mix them
+GRID_KEEPING_MODULES = (
+    *RELU_MODULES,
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.MaxPool3d,
+    nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d,
+    nn.AdaptiveMaxPool3d,
+    nn.Identity,
+    nn.Flatten,
+    nn.PixelShuffle,
+    nn.PixelUnshuffle,
+    *DROPOUT_MODULES,
+)
+GRID_KEEPING_FUNCTIONS = (
+    *RELU_FUNCTIONS,
+    torch.flatten,
+    F.max_pool1d,
+    F.max_pool2d,
+    F.max_pool3d,
+    F.adaptive_max_pool2d,
+    operator.getitem,
+    aten.max_pool2d.default,
+    aten.max_pool3d.default,
+    aten.view.default,
+    aten.reshape.default,
+    aten.permute.default,
+    aten.clone.default,
+)
+GRID_KEEPING_METHODS = (
+    *RELU_METHODS,
+    "view",
+    "reshape",
+    "flatten",
+    "permute",
+    "contiguous",
+    "squeeze",
+    "unsqueeze",
+)
+CONCATENATIONS = (torch.cat, torch.concat, torch.stack, aten.cat.default)
+
+
+def _nearest(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """An upsampling that copies values (nearest neighbour)."""
+    module = module_of(gm, node)
+    if isinstance(module, nn.Upsample):
+        return module.mode == "nearest"
+    if isinstance(module, nn.UpsamplingNearest2d):
+        return True
+    if node.op == "call_function" and node.target is F.interpolate:
+        return node.kwargs.get("mode", node.args[3] if len(node.args) > 3 else "nearest") == "nearest"
+    return node.op == "call_function" and node.target in (
+        aten.upsample_nearest2d.vec,
+        aten.upsample_nearest3d.vec,
+    )
+
+
+def grid_of(gm: fx.GraphModule, node: fx.Node, grids: dict[str, object], _memo: dict | None = None) -> object:
+    """The grid (any hashable tag, e.g. a quantizer config) ``node``'s output lies on,
+    or None when it is not provably on one.
+
+    ``grids`` maps the names of nodes whose output is quantized to their grid.
+    The grid passes through ops that only select, move or pad values (ReLU,
+    max pooling, nearest upsampling, reshapes, concatenation of tensors on one
+    grid); averaging, bilinear interpolation and arithmetic leave it.
+    """
+    memo = {} if _memo is None else _memo
+    if node.name in grids:
+        return grids[node.name]
+    if node.name in memo:
+        return memo[node.name]
+    memo[node.name] = None
+    result = None
+    inputs = [i for i in node.all_input_nodes if i.op != "get_attr"]
+    if node.op == "call_function" and node.target in CONCATENATIONS:
+        tags = {grid_of(gm, i, grids, memo) for i in inputs}
+        result = tags.pop() if len(tags) == 1 else None
+    elif inputs and (
+        _is(gm, node, GRID_KEEPING_MODULES, GRID_KEEPING_FUNCTIONS, GRID_KEEPING_METHODS)
+        or _nearest(gm, node)
+    ):
+        result = grid_of(gm, inputs[0], grids, memo)
+    elif node.op == "call_function" and node.target is F.pad:
+        constant = node.kwargs.get("value", node.args[3] if len(node.args) > 3 else 0.0)
+        mode = node.kwargs.get("mode", node.args[2] if len(node.args) > 2 else "constant")
+        result = grid_of(gm, inputs[0], grids, memo) if mode == "constant" and not constant else None
+    memo[node.name] = result
+    return result

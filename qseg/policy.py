@@ -147,6 +147,35 @@ def _after_norm_sites(gm: fx.GraphModule, decisions: list[LayerDecision], plan_:
         plan_.activations.append(
             ActDecision(node.name, config, rule, owner.layer.name if owner else None, (), note)
         )
+    _off_grid_inputs(gm, decisions, plan_)
+
+
+def _off_grid_inputs(gm: fx.GraphModule, decisions: list[LayerDecision], plan_: Plan) -> None:
+    """Give a quantized layer an input quantizer where its input is not on a grid.
+
+    After BatchNorm placement alone, a U-Net decoder conv reads the concatenation
+    of a bilinear upsampling (off the grid) and a skip: an integer runtime could
+    not run it without requantizing, which the trained model never saw. Placing
+    the quantizer here makes training see what deployment computes.
+    """
+    nodes = {n.name: n for n in gm.graph.nodes}
+    grids = {a.after: a.config for a in plan_.activations if not a.before}
+    groups: dict[str, list[LayerDecision]] = {}
+    for d in decisions:
+        if d.weights is None or d.activations is None:
+            continue
+        source = nodes[d.layer.node].args[0]
+        if g.grid_of(gm, source, grids) is None:
+            groups.setdefault(source.name, []).append(d)
+    for source, users in groups.items():
+        config, note = _signed_if_needed(
+            users[0].activations,
+            not g.is_nonnegative(gm, nodes[source]),
+            f"{source} can output negative values",
+        )
+        rule = f"on the input of a quantized layer ({source} is off the grid)"
+        before = tuple(d.layer.node for d in users)
+        plan_.activations.append(ActDecision(source, config, rule, users[0].layer.name, before, note))
 
 
 def _conv_input_sites(gm: fx.GraphModule, decisions: list[LayerDecision], plan_: Plan) -> None:

@@ -119,7 +119,7 @@ def _prepare_fallback(model: nn.Module, inputs: tuple, recipe: Recipe, fx_failur
     return model
 
 
-def _layer_row(gm: fx.GraphModule, decision, act_labels: dict[str, str]) -> LayerRow:
+def _layer_row(gm: fx.GraphModule, decision, inputs: dict[str, str], outputs: dict[str, str]) -> LayerRow:
     layer = decision.layer
     weight = g.get_attr(gm, layer.param)
     bias = g.get_attr(gm, layer.name + ".bias") if not layer.functional else None
@@ -134,7 +134,10 @@ def _layer_row(gm: fx.GraphModule, decision, act_labels: dict[str, str]) -> Laye
         bits = quantizer.bits
         size = weight.numel() * bits / 8 + 4 * (scales + bias_numel)
         text = decision.weights.label + ("" if decision.reason == "recipe" else f" ({decision.reason})")
-    return LayerRow(layer.name, layer.type_name, text, act_labels.get(layer.name, "-"), params, bits, size)
+    name = layer.name
+    return LayerRow(
+        name, layer.type_name, text, inputs.get(name, "-"), outputs.get(name, "-"), params, bits, size
+    )
 
 
 def _report(
@@ -142,13 +145,17 @@ def _report(
 ) -> QsegReport:
     # people read module names (enc1.bn1), not FX node names (enc1_bn1)
     names = {n.name: str(n.target) if n.op == "call_module" else n.name for n in gm.graph.nodes}
-    act_labels: dict[str, str] = {}
+    inputs: dict[str, str] = {}
+    outputs: dict[str, str] = {}
     acts = []
+    by_node = {d.layer.node: d.layer.name for d in decisions.layers}
     for a in decisions.activations:
-        where = "after" if not a.before else "on the input from"
         after = names.get(a.after, a.after)
-        if a.owner is not None:
-            act_labels.setdefault(a.owner, f"{a.config.label} {where} {after}")
+        if a.before:
+            for consumer in a.before:
+                inputs[by_node[consumer]] = f"{a.config.label} from {after}"
+        elif a.owner is not None:
+            outputs[a.owner] = f"{a.config.label} after {after}"
         acts.append(ActRow(after, a.config.label, a.rule, a.owner, a.note))
-    rows = [_layer_row(gm, d, act_labels) for d in decisions.layers]
+    rows = [_layer_row(gm, d, inputs, outputs) for d in decisions.layers]
     return QsegReport(recipe_name, how, rows, acts, removed, list(decisions.skipped))

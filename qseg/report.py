@@ -13,8 +13,9 @@ __all__ = ["ActRow", "LayerRow", "QsegReport"]
 class LayerRow:
     """One weighted layer.
 
-    ``weights`` is the quantizer (``FixedPoint(int_bits=0, frac_bits=4, signed=True)``)
-    or ``float: <reason>``; ``activation`` the quantizer placed for this layer and
+    ``weights`` is the quantizer label (``Q0.4``) or ``float: <reason>``;
+    ``input`` the quantizer on the layer's input where one was placed there;
+    ``activation`` the quantizer placed on its output (after its BatchNorm) and
     where; ``bits`` the stored bits per weight (32 in float); ``bytes`` what its
     weights, scales and float32 biases take.
     """
@@ -22,6 +23,7 @@ class LayerRow:
     name: str
     op: str
     weights: str
+    input: str
     activation: str
     params: int
     bits: int
@@ -73,13 +75,16 @@ class QsegReport:
         return out
 
     def __str__(self) -> str:
-        head = ("layer", "op", "weights", "activation quantizer", "params", "bits")
-        rows = [(r.name, r.op, r.weights, r.activation, f"{r.params:,}", str(r.bits)) for r in self.layers]
+        head = ("layer", "op", "weights", "input quantizer", "output quantizer", "params", "bits")
+        rows = [
+            (r.name, r.op, r.weights, r.input, r.activation, f"{r.params:,}", str(r.bits))
+            for r in self.layers
+        ]
         widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(head)]
 
         def line(cells: tuple[str, ...]) -> str:
             return "  ".join(
-                c.rjust(w) if i >= 4 else c.ljust(w)
+                c.rjust(w) if i >= 5 else c.ljust(w)
                 for i, (c, w) in enumerate(zip(cells, widths, strict=True))
             ).rstrip()
 

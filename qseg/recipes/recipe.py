@@ -97,6 +97,10 @@ class QuantizerConfig:
             key = next((k for k in self.params if str(exc).startswith(k)), "")
             raise _error(key, str(exc)) from None
 
+    def __hash__(self) -> int:
+        # params is a dict: hash its items, so configs can tag grids and key dicts
+        return hash((self.kind, tuple(sorted(self.params.items()))))
+
     @property
     def fixed_grid(self) -> bool:
         """True when the grid does not depend on the data (usable for activations)."""

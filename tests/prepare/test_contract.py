@@ -32,10 +32,15 @@ def test_paper_unet_invariants_and_report():
     assert report.dropout_removed == ["dropout"]
     assert len(report.layers) == 15 and len(report.quantized_layers) == 13
     assert all(type(q.get_submodule(n)) is QuantConv2d for n in report.quantized_layers)
-    # an unsigned 6-bit quantizer after each of the 14 BatchNorms, a ReLU after each
-    assert len(report.activations) == 14
+    # an unsigned 6-bit quantizer after each of the 14 BatchNorms (a ReLU follows each),
+    # and one on the input of each decoder's first conv: the concatenation of a bilinear
+    # upsampling and a skip is off the grid, so the integer conv needs its input quantized
     assert {a.quantizer for a in report.activations} == {"Q6.0 unsigned"}
-    assert all(a.rule == "after BatchNorm" and not a.note for a in report.activations)
+    after_bn = [a for a in report.activations if a.rule == "after BatchNorm"]
+    assert len(after_bn) == 14 and not any(a.note for a in after_bn)
+    inputs = {row.name: row.input for row in report.layers if row.input != "-"}
+    assert set(inputs) == {"dec3.conv1", "dec2.conv1", "dec1.conv1"}
+    assert all(text.startswith("Q6.0 unsigned from cat") for text in inputs.values())
     text = str(report)
     assert "float: first layer" in text and "float: last layer" in text and "dropout removed: dropout" in text
     assert report.quantized_bytes < 0.2 * report.float_bytes
