@@ -1,7 +1,9 @@
 """qseg: quantization-aware training and deployment for PyTorch segmentation models."""
 
 from qseg import errors, quantizers, recipes
+from qseg.convert import convert
 from qseg.errors import ExportError, ModelError, QsegError, QuantizerError, RecipeError, TraceError
+from qseg.exporters import export_onnx, export_openvino
 from qseg.prepare import prepare
 from qseg.recipes import Recipe
 
@@ -16,7 +18,10 @@ __all__ = [
     "RecipeError",
     "TraceError",
     "__version__",
+    "convert",
     "errors",
+    "export_onnx",
+    "export_openvino",
     "prepare",
     "quantizers",
     "recipes",

@@ -1,0 +1,330 @@
+"""``qseg.convert``: freeze a prepared model for inference and export.
+
+The converted model is what the exporters write and what the runtimes must
+reproduce:
+
+- activation quantizers with a uniform grid become :class:`FrozenActQuant`
+  (``qseg::fake_quant``); a ReLU right after an unsigned one is removed (it is
+  the identity on that grid, and a DequantizeLinear must feed the next conv);
+- a quantized conv keeps its integer weight codes; a BatchNorm that follows it
+  folds exactly into its per-channel scale, ``2^-f * gamma / sqrt(var + eps)``,
+  and its bias; when the conv's input lies on a power-of-two grid it becomes an
+  *integer* conv (``qseg::qconv``): int32 bias codes at scale
+  ``s_in * s_w``, computed as an integer runtime computes it;
+- a layer with a non-uniform grid (INQ) keeps float weights that lie exactly on
+  the grid, and its BatchNorm stays a separate op;
+- float layers (first/last) are left as they are.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+import qseg.ops  # noqa: F401  (registers torch.ops.qseg.*)
+from qseg import graph as g
+from qseg.errors import ExportError
+from qseg.nn import QUANTIZED, ActQuant
+from qseg.quantizers import FixedPoint, TernaryTanh
+
+__all__ = ["ConvertReport", "FrozenActQuant", "FrozenLayer", "convert"]
+
+# products of an activation code and a weight code are summed in int16 pairs by
+# AVX2 kernels without VNNI (vpmaddubsw): keep 2 * max|a| * max|w| within int16
+INT16_PAIR_LIMIT = 32767
+# float32 represents every integer below 2^24: the integer accumulator stays exact
+EXACT_ACCUMULATOR = 2**24
+
+
+class FrozenActQuant(nn.Module):
+    """An activation quantizer frozen to its grid ``scale * [qmin, qmax]``."""
+
+    def __init__(self, scale: float, qmin: int, qmax: int) -> None:
+        super().__init__()
+        self.scale, self.qmin, self.qmax = float(scale), int(qmin), int(qmax)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.qseg.fake_quant(x, self.scale, self.qmin, self.qmax)
+
+    def extra_repr(self) -> str:
+        return f"scale={self.scale}, qmin={self.qmin}, qmax={self.qmax}"
+
+
+def _narrowest_int(lo: int, hi: int) -> torch.dtype:
+    for dtype in (torch.int8, torch.int16, torch.int32):
+        info = torch.iinfo(dtype)
+        if info.min <= lo and hi <= info.max:
+            return dtype
+    raise ExportError(f"integer codes in [{lo}, {hi}] do not fit in 32 bits")
+
+
+class FrozenLayer(nn.Module):
+    """A quantized conv / transposed conv / linear layer frozen for inference.
+
+    ``codes`` are the integer weight codes (stored in the narrowest integer
+    type), ``w_scale`` one float32 scale per output channel. With ``in_scale``
+    set, the layer is an integer conv of an on-grid input with int32
+    ``bias_codes``; otherwise it dequantizes its weights and runs in float.
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        codes: torch.Tensor,
+        w_scale: torch.Tensor,
+        bias: torch.Tensor,
+        params: dict,
+        in_grid: tuple[float, int, int] | None = None,
+    ) -> None:
+        super().__init__()
+        self.kind = kind  # conv | conv_transpose | linear
+        self.params = params
+        self.axis = 1 if kind == "conv_transpose" else 0
+        self.register_buffer("codes", codes.to(_narrowest_int(int(codes.min()), int(codes.max()))))
+        self.register_buffer("w_scale", w_scale.to(torch.float32).contiguous())
+        self.in_grid = in_grid
+        if in_grid is not None:
+            in_scale = in_grid[0]
+            bias_scale = in_scale * self.w_scale
+            self.register_buffer(
+                "bias_codes", torch.round(bias.double() / bias_scale.double()).to(torch.int32)
+            )
+        else:
+            self.register_buffer("bias", bias.to(torch.float32))
+
+    @property
+    def integer(self) -> bool:
+        """Whether the layer runs as an integer conv (its input on a known grid)."""
+        return self.in_grid is not None
+
+    def weight(self) -> torch.Tensor:
+        """The dequantized weights (BatchNorm folded in)."""
+        return torch.ops.qseg.dequantize(self.codes, self.w_scale, self.axis)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.params
+        if self.in_grid is not None:
+            return torch.ops.qseg.qconv(
+                x,
+                self.codes,
+                self.w_scale,
+                self.bias_codes,
+                self.in_grid[0],
+                self.in_grid[1],
+                self.in_grid[2],
+                p["stride"],
+                p["padding"],
+                p["dilation"],
+                p["groups"],
+            )
+        w = self.weight()
+        if self.kind == "linear":
+            return F.linear(x, w, self.bias)
+        dims = self.codes.dim() - 2
+        if self.kind == "conv":
+            conv = (F.conv1d, F.conv2d, F.conv3d)[dims - 1]
+            return conv(x, w, self.bias, p["stride"], p["padding"], p["dilation"], p["groups"])
+        conv_t = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[dims - 1]
+        return conv_t(
+            x, w, self.bias, p["stride"], p["padding"], p["output_padding"], p["groups"], p["dilation"]
+        )
+
+    def extra_repr(self) -> str:
+        mode = f"integer, input scale {self.in_grid[0]}" if self.in_grid else "float input"
+        return f"{self.kind}, codes {self.codes.dtype} {tuple(self.codes.shape)}, {mode}"
+
+
+@dataclass
+class ConvertReport:
+    """What ``convert`` did, per layer and in total (``converted.qseg_convert``)."""
+
+    integer_layers: list[str] = field(default_factory=list)
+    float_input_layers: list[str] = field(default_factory=list)
+    grid_layers: list[str] = field(default_factory=list)
+    folded_norms: list[str] = field(default_factory=list)
+    removed_relus: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [
+            f"integer convs: {len(self.integer_layers)} ({', '.join(self.integer_layers) or '-'})",
+            f"quantized weights, float input: {', '.join(self.float_input_layers) or '-'}",
+            f"float weights on a non-uniform grid: {', '.join(self.grid_layers) or '-'}",
+            f"BatchNorms folded: {len(self.folded_norms)}; ReLUs removed: {len(self.removed_relus)}",
+        ]
+        lines += [f"warning: {w}" for w in self.warnings]
+        return "\n".join(lines)
+
+
+def _frozen_act(module: ActQuant) -> FrozenActQuant | None:
+    q = module.quantizer
+    # clamp(round(x / s)) reproduces these exactly; wrap mode and binary sign do not
+    uniform = (isinstance(q, FixedPoint) and q.overflow == "saturate") or isinstance(q, TernaryTanh)
+    if not uniform:
+        return None
+    spec = q.spec()
+    return FrozenActQuant(float(spec.scale), spec.qmin, spec.qmax)
+
+
+def _is_power_of_two(x: float) -> bool:
+    mantissa, _ = math.frexp(x)
+    return x > 0 and mantissa == 0.5
+
+
+def _fold_target(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, nn.Module] | None:
+    users = list(node.users)
+    if len(users) != 1:
+        return None
+    bn = g.module_of(gm, users[0])
+    if isinstance(bn, g.BATCH_NORMS) and bn.track_running_stats and bn.running_mean is not None:
+        return users[0], bn
+    return None
+
+
+def _layer_kind(module: nn.Module) -> str:
+    if isinstance(module, nn.Linear):
+        return "linear"
+    return "conv_transpose" if isinstance(module, nn.modules.conv._ConvTransposeNd) else "conv"
+
+
+def _params(module: nn.Module) -> dict:
+    if isinstance(module, nn.Linear):
+        return {}
+    if module.padding_mode != "zeros" or isinstance(module.padding, str):
+        raise ExportError(
+            f"{type(module).__name__} with padding={module.padding!r}, padding_mode={module.padding_mode!r}: "
+            "convert supports numeric zero padding"
+        )
+    return {
+        "stride": list(module.stride),
+        "padding": list(module.padding),
+        "dilation": list(module.dilation),
+        "groups": module.groups,
+        "output_padding": list(getattr(module, "output_padding", ())),
+    }
+
+
+def convert(qmodel: nn.Module) -> fx.GraphModule:
+    """An inference copy of a prepared model: eval mode, BatchNorm folded where it
+    follows a quantized conv, weights frozen to integer codes, activation
+    quantizers frozen; ``converted.qseg_convert`` says which layers became
+    integer convs. Its outputs equal the prepared model's in eval mode up to the
+    float rounding of the fold (an activation exactly at a rounding tie can move
+    by one step).
+
+    Raises:
+        ExportError: the model was not prepared through torch.fx, or a layer has
+            non-finite weights (the message names the layer).
+
+    Example:
+        >>> import torch, qseg
+        >>> from qseg.models import PaperUNet
+        >>> q = qseg.prepare(PaperUNet(widths=(8, 16, 32, 32)), example_inputs=torch.randn(1, 1, 32, 32))
+        >>> len(qseg.convert(q).qseg_convert.integer_layers)
+        13
+    """
+    if not isinstance(qmodel, fx.GraphModule) or not hasattr(qmodel, "qseg_report"):
+        raise ExportError(
+            "convert takes a model returned by qseg.prepare through torch.fx; "
+            f"got {type(qmodel).__name__}"
+            + (
+                " (prepared on the torch.export + module swap fallback, which convert does not support yet)"
+                if hasattr(qmodel, "qseg_report")
+                else ""
+            )
+        )
+    gm = copy.deepcopy(qmodel).eval()
+    report = ConvertReport()
+    grids: dict[str, tuple[float, int, int]] = {}
+    for node in list(gm.graph.nodes):
+        module = g.module_of(gm, node)
+        if isinstance(module, ActQuant):
+            frozen = _frozen_act(module)
+            if frozen is not None:
+                gm.add_submodule(node.target, frozen)
+                grids[node.name] = (frozen.scale, frozen.qmin, frozen.qmax)
+    for node in list(gm.graph.nodes):
+        module = g.module_of(gm, node)
+        if type(module) not in QUANTIZED.values():
+            continue
+        name = str(node.target)
+        weight = module.weight.detach()
+        q = module.weight_quant(weight)
+        if not torch.isfinite(q).all() or (module.bias is not None and not torch.isfinite(module.bias).all()):
+            raise ExportError(
+                f"layer {name}: its weights or bias hold non-finite values; it cannot be exported"
+            )
+        spec = module.weight_quant.spec(weight)
+        float_cls = next(c for c in QUANTIZED if QUANTIZED[c] is type(module))
+        if spec is None:
+            plain = copy.deepcopy(module)
+            plain.__class__ = float_cls
+            del plain.weight_quant
+            plain.weight = nn.Parameter(q.clone(), requires_grad=False)
+            gm.add_submodule(node.target, plain)
+            report.grid_layers.append(name)
+            continue
+        kind = _layer_kind(module)
+        out_axis = 1 if kind == "conv_transpose" else 0
+        out_channels = weight.shape[out_axis]
+        codes = spec.codes(q)
+        if spec.axis is None:
+            w_scale = spec.scale.to(torch.float64).expand(out_channels).clone()
+        elif spec.axis == out_axis:
+            w_scale = spec.scale.to(torch.float64)
+        else:
+            raise ExportError(
+                f"layer {name}: per-channel scales along axis {spec.axis} are not the output channels"
+            )
+        bias = (
+            module.bias.detach().double() if module.bias is not None else torch.zeros(out_channels).double()
+        )
+        fold = _fold_target(gm, node) if kind != "linear" else None
+        if fold is not None:
+            bn_node, bn = fold
+            k = bn.weight.detach().double() if bn.affine else torch.ones(out_channels).double()
+            k = k / torch.sqrt(bn.running_var.double() + bn.eps)
+            shift = bn.bias.detach().double() if bn.affine else torch.zeros(out_channels).double()
+            w_scale = w_scale * k
+            bias = (bias - bn.running_mean.double()) * k + shift
+            bn_node.replace_all_uses_with(node)
+            gm.graph.erase_node(bn_node)
+            report.folded_norms.append(str(bn_node.target))
+        in_grid = None
+        if kind == "conv":
+            grid = g.grid_of(gm, node.args[0], grids)
+            if grid is not None and _is_power_of_two(grid[0]):
+                in_grid = grid
+        frozen = FrozenLayer(kind, codes, w_scale.float(), bias.float(), _params(module), in_grid)
+        gm.add_submodule(node.target, frozen)
+        if in_grid is None:
+            report.float_input_layers.append(name)
+            continue
+        report.integer_layers.append(name)
+        max_act = max(abs(in_grid[1]), abs(in_grid[2]))
+        max_w = int(codes.abs().max())
+        fan_in = codes[0].numel()
+        if 2 * max_act * max_w > INT16_PAIR_LIMIT:
+            report.warnings.append(
+                f"{name}: 2 x {max_act} x {max_w} exceeds 32767; AVX2 int8 kernels without VNNI may saturate"
+            )
+        if max_act * max_w * fan_in >= EXACT_ACCUMULATOR:
+            report.warnings.append(f"{name}: the accumulator may exceed 2^24; float32 parity is not exact")
+    for node in list(gm.graph.nodes):
+        if g.is_relu(gm, node) and node.args and isinstance(node.args[0], fx.Node):
+            source = node.args[0]
+            grid = grids.get(source.name)
+            if grid is not None and grid[1] >= 0:
+                node.replace_all_uses_with(source)
+                gm.graph.erase_node(node)
+                report.removed_relus.append(node.name)
+    gm.graph.lint()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    gm.qseg_convert = report
+    return gm

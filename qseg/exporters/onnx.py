@@ -1,0 +1,209 @@
+"""QDQ ONNX export of converted models.
+
+qseg's operators (``qseg/ops.py``) are translated into the pattern integer
+runtimes fuse: an activation quantizer becomes QuantizeLinear -> Clip on the
+integer codes -> DequantizeLinear (a float Clip before the Q would block
+onnxruntime's QLinearConv fusion), weights are integer initializers feeding a
+DequantizeLinear (never float constants: folding them through Q/DQ moves some
+weights by one step in OpenVINO), and an integer conv reads its input through a
+Q/DQ pair on its grid (exact, since the input lies on it) with an int32 bias.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+import qseg.ops  # noqa: F401  (registers torch.ops.qseg.*)
+from qseg.errors import ExportError
+
+__all__ = ["export_onnx"]
+
+OPSET = 21  # INT4 / INT16 QuantizeLinear types and per-axis DequantizeLinear
+
+
+def _int_type(qmin: int, qmax: int):
+    import onnx_ir as ir
+
+    for dtype in (ir.DataType.UINT8, ir.DataType.INT8, ir.DataType.UINT16, ir.DataType.INT16):
+        info = np.iinfo(dtype.numpy())
+        if info.min <= qmin and qmax <= info.max:
+            return dtype
+    raise ExportError(
+        f"an activation grid [{qmin}, {qmax}] does not fit in 16 bits, ONNX QuantizeLinear's widest"
+    )
+
+
+def _translations() -> dict:
+    import onnx_ir as ir
+    from onnxscript import opset21 as op
+
+    def constant(value, dtype):
+        return op.Constant(value=ir.tensor(np.array(value, dtype=dtype)))
+
+    def quantize_dequantize(x, scale: float, qmin: int, qmax: int):
+        dtype = _int_type(qmin, qmax).numpy()
+        s = constant(scale, np.float32)
+        zero = constant(0, dtype)
+        q = op.QuantizeLinear(x, s, zero)
+        q = op.Clip(q, constant(qmin, dtype), constant(qmax, dtype))
+        return op.DequantizeLinear(q, s, zero)
+
+    def fake_quant(x, scale: float, qmin: int, qmax: int):
+        return quantize_dequantize(x, scale, qmin, qmax)
+
+    def dequantize(codes, scale, axis: int):
+        return op.DequantizeLinear(codes, scale, axis=axis)
+
+    def qconv(
+        x,
+        codes,
+        w_scale,
+        bias_codes,
+        in_scale: float,
+        in_qmin: int,
+        in_qmax: int,
+        stride,
+        padding,
+        dilation,
+        groups: int,
+    ):
+        x = quantize_dequantize(x, in_scale, in_qmin, in_qmax)
+        w = op.DequantizeLinear(codes, w_scale, axis=0)
+        b = op.DequantizeLinear(bias_codes, op.Mul(constant(in_scale, np.float32), w_scale), axis=0)
+        pads = list(padding) + list(padding)
+        return op.Conv(x, w, b, strides=list(stride), pads=pads, dilations=list(dilation), group=groups)
+
+    return {
+        torch.ops.qseg.fake_quant.default: fake_quant,
+        torch.ops.qseg.dequantize.default: dequantize,
+        torch.ops.qseg.qconv.default: qconv,
+    }
+
+
+def _dynamic_shapes(inputs: tuple) -> tuple:
+    # batch and every spatial dim dynamic; channels fixed
+    auto = torch.export.Dim.AUTO
+    return tuple(
+        {d: auto for d in range(t.dim()) if d != 1} if isinstance(t, torch.Tensor) else None for t in inputs
+    )
+
+
+def _as_int4(model) -> None:
+    """Store integer weight initializers that feed a DequantizeLinear as INT4."""
+    import onnx
+    from onnx import numpy_helper
+
+    feeding = {n.input[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    for init in model.graph.initializer:
+        if init.name not in feeding or init.data_type != onnx.TensorProto.INT8:
+            continue
+        values = numpy_helper.to_array(init)
+        if values.min() < -8 or values.max() > 7:
+            raise ExportError(
+                f"weights {init.name!r} hold codes in [{values.min()}, {values.max()}]; INT4 holds [-8, 7]. "
+                "Use weights='int8' (or a recipe with at most 4 stored bits, e.g. Q0.3)"
+            )
+        packed = onnx.helper.make_tensor(
+            init.name, onnx.TensorProto.INT4, values.shape, values.flatten().tolist()
+        )
+        init.CopyFrom(packed)
+
+
+def _as_float(model) -> None:
+    """Fold DequantizeLinear of integer weight initializers into float initializers."""
+    import onnx
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    keep = []
+    for node in model.graph.node:
+        if node.op_type == "DequantizeLinear" and node.input[0] in inits and node.input[1] in inits:
+            codes = numpy_helper.to_array(inits[node.input[0]]).astype(np.float32)
+            scale = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+            if scale.ndim == 1:
+                shape = [1] * codes.ndim
+                shape[axis] = -1
+                scale = scale.reshape(shape)
+            model.graph.initializer.append(numpy_helper.from_array(codes * scale, node.output[0]))
+            continue
+        keep.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
+    used = {i for n in model.graph.node for i in n.input}
+    kept = [i for i in model.graph.initializer if i.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    onnx.checker.check_model(model)
+
+
+def export_onnx(
+    model: nn.Module,
+    example_inputs: torch.Tensor | tuple,
+    path: str | os.PathLike,
+    weights: str = "int8",
+    dynamic: bool = True,
+) -> Path:
+    """Write ``model`` as a QDQ ONNX file (opset 21) and return its path.
+
+    ``model`` is a converted model (``qseg.convert``); a prepared model is
+    converted first, and a plain float model exports as float (a baseline).
+
+    Args:
+        model: the model to export.
+        example_inputs: a tensor or tuple of the model's inputs.
+        path: the ``.onnx`` file to write.
+        weights: ``"int8"`` (integer codes in the narrowest type that holds them:
+            int8, or int16 for wider grids), ``"int4"`` (INT4 initializers, half the
+            size, for grids of at most 4 stored bits; runtimes dequantize them and
+            run the conv in float), or ``"float"`` (dequantized float weights).
+        dynamic: dynamic batch and spatial dimensions (channels stay fixed).
+
+    Raises:
+        ExportError: the export failed, a grid does not fit the chosen storage,
+            or the written model does not pass ``onnx.checker``'s full check.
+    """
+    import onnx
+
+    from qseg.convert import convert
+
+    if weights not in ("int8", "int4", "float"):
+        raise ExportError(f"weights must be one of 'int8', 'int4', 'float'; got {weights!r}")
+    if hasattr(model, "qseg_report") and not hasattr(model, "qseg_convert"):
+        model = convert(model)
+    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    model = model.eval()
+    path = Path(path)
+    try:
+        program = torch.onnx.export(
+            model,
+            inputs,
+            dynamo=True,
+            opset_version=OPSET,
+            custom_translation_table=_translations(),
+            dynamic_shapes=_dynamic_shapes(inputs) if dynamic else None,
+            verbose=False,
+        )
+    except Exception as exc:
+        raise ExportError(f"torch.onnx.export failed: {type(exc).__name__}: {exc}") from exc
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = Path(tmp) / "model.onnx"
+        program.save(str(raw))
+        proto = onnx.load(str(raw))
+    if weights == "int4":
+        _as_int4(proto)
+    elif weights == "float":
+        _as_float(proto)
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except Exception as exc:
+        raise ExportError(f"the exported model fails onnx.checker: {exc}") from exc
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(proto, str(path))
+    return path

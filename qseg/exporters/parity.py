@@ -1,0 +1,93 @@
+"""Parity: the exported model must reproduce the converted PyTorch model."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten
+
+from qseg.convert import FrozenActQuant
+
+__all__ = ["ParityResult", "check_parity", "run_onnxruntime", "run_openvino"]
+
+
+@dataclass(frozen=True)
+class ParityResult:
+    """One runtime against PyTorch: the largest absolute difference over all
+    outputs, the smallest activation step of the model (the tolerance: one
+    quantization step), and whether the difference is within it."""
+
+    runtime: str
+    max_abs_diff: float
+    step: float
+
+    @property
+    def ok(self) -> bool:
+        return self.max_abs_diff <= self.step
+
+    def __str__(self) -> str:
+        verdict = "ok" if self.ok else "MISMATCH"
+        return f"{self.runtime}: max |diff| {self.max_abs_diff:.3g} (one step = {self.step:.3g}) {verdict}"
+
+
+def _flat(outputs: object) -> list[np.ndarray]:
+    flat, _ = tree_flatten(outputs)
+    return [t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t) for t in flat]
+
+
+def _inputs(example_inputs: torch.Tensor | tuple) -> tuple:
+    return (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+
+
+def run_onnxruntime(path: str | os.PathLike, inputs: tuple, threads: int = 2) -> list[np.ndarray]:
+    """Outputs of an ONNX file in onnxruntime's CPU provider."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    feed = {i.name: t.numpy() for i, t in zip(session.get_inputs(), inputs, strict=True)}
+    return session.run(None, feed)
+
+
+def run_openvino(path: str | os.PathLike, inputs: tuple, threads: int = 2) -> list[np.ndarray]:
+    """Outputs of an IR or ONNX file on OpenVINO's CPU plugin."""
+    import openvino as ov
+
+    core = ov.Core()
+    compiled = core.compile_model(core.read_model(str(path)), "CPU", {"INFERENCE_NUM_THREADS": threads})
+    result = compiled([t.numpy() for t in inputs])
+    return [result[o] for o in compiled.outputs]
+
+
+def _step(model: nn.Module) -> float:
+    steps = [m.scale for m in model.modules() if isinstance(m, FrozenActQuant)]
+    return min(steps) if steps else 1e-5
+
+
+def check_parity(
+    model: nn.Module,
+    example_inputs: torch.Tensor | tuple,
+    onnx_path: str | os.PathLike | None = None,
+    ir_path: str | os.PathLike | None = None,
+    threads: int = 2,
+) -> list[ParityResult]:
+    """Compare the converted PyTorch ``model`` with its ONNX file in onnxruntime
+    and its IR in OpenVINO on ``example_inputs``."""
+    inputs = _inputs(example_inputs)
+    with torch.no_grad():
+        expected = _flat(model.eval()(*inputs))
+    step = _step(model)
+    results = []
+    for name, path, run in (("onnxruntime", onnx_path, run_onnxruntime), ("openvino", ir_path, run_openvino)):
+        if path is None:
+            continue
+        got = run(Path(path), inputs, threads)
+        diff = max(float(np.abs(e - o).max()) if e.size else 0.0 for e, o in zip(expected, got, strict=True))
+        results.append(ParityResult(name, diff, step))
+    return results
