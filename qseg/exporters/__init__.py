@@ -2,7 +2,14 @@
 and the parity checks that prove they reproduce the PyTorch model."""
 
 from qseg.exporters.onnx import export_onnx
-from qseg.exporters.openvino import export_openvino, runtime_precisions
+from qseg.exporters.openvino import export_openvino, openvino_from_onnx, runtime_precisions
 from qseg.exporters.parity import ParityResult, check_parity
 
-__all__ = ["ParityResult", "check_parity", "export_onnx", "export_openvino", "runtime_precisions"]
+__all__ = [
+    "ParityResult",
+    "check_parity",
+    "export_onnx",
+    "export_openvino",
+    "openvino_from_onnx",
+    "runtime_precisions",
+]

@@ -12,7 +12,7 @@ from torch import nn
 
 from qseg.errors import ExportError
 
-__all__ = ["LayerPrecision", "export_openvino", "runtime_precisions"]
+__all__ = ["LayerPrecision", "export_openvino", "openvino_from_onnx", "runtime_precisions"]
 
 
 def export_openvino(
@@ -29,21 +29,29 @@ def export_openvino(
     ``compress_to_fp16=False`` (OpenVINO would otherwise store float weights as
     FP16, silently).
     """
-    import openvino as ov
-
     from qseg.exporters.onnx import export_onnx
+
+    if Path(path).suffix != ".xml":
+        raise ExportError(f"an OpenVINO IR path ends in .xml, got {str(path)!r}")
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx_path = export_onnx(model, example_inputs, Path(tmp) / "model.onnx", weights=weights)
+        return openvino_from_onnx(onnx_path, path)
+
+
+def openvino_from_onnx(onnx_path: str | os.PathLike, path: str | os.PathLike) -> Path:
+    """Convert a QDQ ONNX file written by :func:`qseg.export_onnx` to OpenVINO IR
+    (``compress_to_fp16=False``); returns the xml path."""
+    import openvino as ov
 
     path = Path(path)
     if path.suffix != ".xml":
         raise ExportError(f"an OpenVINO IR path ends in .xml, got {str(path)!r}")
-    with tempfile.TemporaryDirectory() as tmp:
-        onnx_path = export_onnx(model, example_inputs, Path(tmp) / "model.onnx", weights=weights)
-        try:
-            ir = ov.convert_model(str(onnx_path))
-        except Exception as exc:
-            raise ExportError(f"OpenVINO could not convert the ONNX model: {exc}") from exc
-        path.parent.mkdir(parents=True, exist_ok=True)
-        ov.save_model(ir, str(path), compress_to_fp16=False)
+    try:
+        ir = ov.convert_model(str(onnx_path))
+    except Exception as exc:
+        raise ExportError(f"OpenVINO could not convert {onnx_path}: {exc}") from exc
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ov.save_model(ir, str(path), compress_to_fp16=False)
     return path
 
 

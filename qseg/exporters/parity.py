@@ -13,7 +13,7 @@ from torch.utils._pytree import tree_flatten
 
 from qseg.convert import FrozenActQuant
 
-__all__ = ["ParityResult", "check_parity", "run_onnxruntime", "run_openvino"]
+__all__ = ["ParityResult", "check_parity", "onnxruntime_ops", "run_onnxruntime", "run_openvino"]
 
 
 @dataclass(frozen=True)
@@ -91,3 +91,20 @@ def check_parity(
         diff = max(float(np.abs(e - o).max()) if e.size else 0.0 for e, o in zip(expected, got, strict=True))
         results.append(ParityResult(name, diff, step))
     return results
+
+
+def onnxruntime_ops(path: str | os.PathLike) -> dict[str, int]:
+    """How many ops of each type onnxruntime executes after its graph optimizations
+    (``QLinearConv`` counts the convs it fused into integer kernels)."""
+    import tempfile
+    from collections import Counter
+
+    import onnx
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        options.log_severity_level = 3
+        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return dict(Counter(n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node))

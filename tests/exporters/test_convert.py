@@ -1,0 +1,163 @@
+"""qseg.convert: exact BatchNorm folding, integer codes kept, equal outputs, clear errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import qseg
+from qseg.convert import FrozenActQuant, FrozenLayer
+from qseg.models import PaperUNet
+
+QA6_QW4 = qseg.recipes.load("unet-qa6.0-qw0.4").to_dict()
+
+
+def trained(
+    model: nn.Module, recipe: dict | str = "unet-qa6.0-qw0.4", steps: int = 3, size: int = 32
+) -> nn.Module:
+    """A prepared model after a few Adam steps, so BatchNorm statistics are not trivial."""
+    torch.manual_seed(0)
+    q = qseg.prepare(model, recipe, example_inputs=torch.randn(2, model_channels(model), size, size))
+    opt = torch.optim.Adam(q.parameters(), 1e-2)
+    for _ in range(steps):
+        x = torch.randn(4, model_channels(model), size, size)
+        out = q(x)
+        loss = sum(o.pow(2).mean() for o in (out if isinstance(out, tuple) else (out,)))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return q.eval()
+
+
+def model_channels(model: nn.Module) -> int:
+    return next(m for m in model.modules() if isinstance(m, nn.Conv2d)).in_channels
+
+
+def exact_biases(q: nn.Module) -> None:
+    """Identity BatchNorms and zero conv biases: the folded bias is then exactly on the
+    int32 accumulator grid, so convert changes no value at all."""
+    for m in q.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.reset_parameters()
+            m.running_var.fill_(1 - m.eps)
+        if isinstance(m, nn.Conv2d) and m.bias is not None:
+            m.bias.data.zero_()
+
+
+def test_converted_unet_equals_prepared_and_runs_integer_convs():
+    q = trained(PaperUNet(widths=(8, 16, 32, 32)))
+    exact_biases(q)
+    c = qseg.convert(q)
+    report = c.qseg_convert
+    assert len(report.integer_layers) == 13 and not report.float_input_layers
+    assert len(report.folded_norms) == 13 and len(report.removed_relus) == 14
+    assert not report.warnings
+    x = torch.randn(2, 1, 48, 64)
+    torch.testing.assert_close(c(x), q(x), rtol=0, atol=1e-5)
+    assert not c.training and q.training is False
+
+
+def test_bias_rounding_moves_few_activations_by_one_step():
+    # the folded bias is rounded to the int32 accumulator grid s_in * s_w (what an
+    # integer conv adds); a pre-activation within that rounding of a tie can move by
+    # one step: measured on every quantized activation of a trained U-Net
+    q = trained(PaperUNet(widths=(8, 16, 32, 32)))
+    c = qseg.convert(q)
+    x = torch.randn(2, 1, 64, 64)
+    taken = {}
+
+    def keep(key):
+        def hook(_module, _inputs, output):
+            taken[key] = output
+
+        return hook
+
+    for name in ("dec1_bn2_act_quant", "enc2_bn2_act_quant", "bottleneck_bn1_act_quant"):
+        q.get_submodule(name).register_forward_hook(keep(("q", name)))
+        c.get_submodule(name).register_forward_hook(keep(("c", name)))
+    q(x), c(x)
+    for name in ("dec1_bn2_act_quant", "enc2_bn2_act_quant", "bottleneck_bn1_act_quant"):
+        diff = (taken["q", name] - taken["c", name]).abs()
+        assert diff.max() <= 1.0  # at most one step (Q6.0: step 1)
+        assert (diff > 0).float().mean() < 0.05, name
+
+
+def test_batchnorm_folds_into_the_channel_scale_and_codes_stay():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 3),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Conv2d(4, 1, 1),
+    )
+    q = qseg.prepare(model, QA6_QW4 | {"name": "t"}, example_inputs=torch.randn(2, 2, 9, 9))
+    bn = q.get_submodule("4")
+    bn.running_mean.uniform_(-1, 1)
+    bn.running_var.uniform_(0.5, 2)
+    bn.weight.data.uniform_(0.5, 2)
+    q.eval()
+    c = qseg.convert(q)
+    layer = c.get_submodule("3")
+    assert isinstance(layer, FrozenLayer) and layer.integer and layer.codes.dtype == torch.int8
+    conv = q.get_submodule("3")
+    codes = torch.round(conv.quantized_weight() * 16)
+    assert torch.equal(layer.codes.to(torch.float32), codes)  # the 4-bit codes themselves
+    expected = (2.0**-4) * bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    torch.testing.assert_close(layer.w_scale, expected.detach())
+    assert "4" in c.qseg_convert.folded_norms
+    x = torch.randn(3, 2, 9, 9)
+    torch.testing.assert_close(c(x), q(x), rtol=0, atol=1e-5)
+
+
+def test_relu_removed_only_after_an_unsigned_grid():
+    class Res(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c0, self.b0 = nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4)
+            self.c1, self.b1 = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+            self.head = nn.Conv2d(4, 1, 1)
+
+        def forward(self, x):
+            x = torch.relu(self.b0(self.c0(x)))
+            return self.head(torch.relu(x + self.b1(self.c1(x))))
+
+    q = qseg.prepare(Res(), example_inputs=torch.randn(2, 1, 8, 8)).eval()
+    exact_biases(q)
+    c = qseg.convert(q)
+    assert c.qseg_convert.removed_relus == ["relu"]  # the one after b0's unsigned quantizer
+    acts = [m for m in c.modules() if isinstance(m, FrozenActQuant)]
+    assert any(a.qmin < 0 for a in acts)  # b1 feeds the addition: signed
+    x = torch.randn(2, 1, 8, 8)
+    torch.testing.assert_close(c(x), q(x), rtol=0, atol=1e-5)
+
+
+def test_wide_grids_warn_about_the_avx2_int16_pair_bound():
+    recipe = QA6_QW4 | {
+        "name": "a8w8",
+        "weights": {"kind": "fixed_point", "int_bits": 0, "frac_bits": 8},
+        "activations": {"kind": "fixed_point", "int_bits": 8, "frac_bits": 0, "signed": False},
+    }
+    model = PaperUNet(widths=(4, 8, 8, 8))
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Conv2d):
+                m.weight.uniform_(-0.99, 0.99)  # codes up to +-253
+    c = qseg.convert(qseg.prepare(model, recipe, example_inputs=torch.randn(2, 1, 16, 16)).eval())
+    assert any("32767" in w for w in c.qseg_convert.warnings)
+
+
+def test_non_finite_weights_name_the_layer():
+    q = trained(PaperUNet(widths=(4, 8, 8, 8)), steps=0)
+    with torch.no_grad():
+        q.get_submodule("dec2.conv1").weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(qseg.ExportError, match=r"layer dec2\.conv1"):
+        qseg.convert(q)
+
+
+def test_only_prepared_fx_models_convert():
+    with pytest.raises(qseg.ExportError, match=r"takes a model returned by qseg\.prepare"):
+        qseg.convert(nn.Conv2d(1, 1, 1))

@@ -1,0 +1,78 @@
+"""Parity for every recipe family: the QDQ ONNX in onnxruntime and the IR in OpenVINO
+reproduce the converted PyTorch model on an input of another size, and the
+quantized convs run as integer kernels where the format allows."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import qseg
+from qseg.exporters import check_parity, export_onnx, openvino_from_onnx, runtime_precisions
+from qseg.exporters.parity import onnxruntime_ops
+from qseg.models import PaperUNet
+
+BASE = qseg.recipes.load("unet-qa6.0-qw0.4").to_dict()
+QA6 = BASE["activations"]
+
+FAMILIES = {
+    "fixed_point_qa6_qw4": {},
+    "fixed_point_conv_input": {"activation_placement": "conv_input"},
+    "fixed_point_qa4_qw2": {
+        "weights": {"kind": "fixed_point", "int_bits": 0, "frac_bits": 2},
+        "activations": {"kind": "fixed_point", "int_bits": 4, "frac_bits": 0, "signed": False},
+    },
+    "inq_7bit": {"weights": {"kind": "power_of_two", "bits": 7}},
+    "dorefa_2bit": {"weights": {"kind": "dorefa", "bits": 2}},
+    "twn": {"weights": {"kind": "ternary"}},
+    "bnn": {"weights": {"kind": "binary"}, "activations": {"kind": "binary"}},
+    "ternarynet": {
+        "weights": {"kind": "ternary", "channel_axis": 0},
+        "activations": {"kind": "ternary_tanh"},
+    },
+}
+
+
+def prepared(changes: dict) -> nn.Module:
+    torch.manual_seed(0)
+    q = qseg.prepare(
+        PaperUNet(widths=(4, 8, 8, 8)),
+        BASE | changes | {"name": "t"},
+        example_inputs=torch.randn(2, 1, 32, 32),
+    )
+    opt = torch.optim.Adam(q.parameters(), 1e-2)
+    for _ in range(2):
+        loss = q(torch.randn(4, 1, 32, 32)).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return q.eval()
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_runtimes_reproduce_the_converted_model(family, tmp_path):
+    c = qseg.convert(prepared(FAMILIES[family]))
+    x = torch.randn(1, 1, 32, 32)
+    onnx_path = export_onnx(c, x, tmp_path / "m.onnx")
+    ir_path = openvino_from_onnx(onnx_path, tmp_path / "m.xml")
+    other = torch.randn(2, 1, 40, 48)  # dynamic batch, height and width
+    results = check_parity(c, other, onnx_path, ir_path)
+    assert [r.runtime for r in results] == ["onnxruntime", "openvino"]
+    for r in results:
+        assert r.ok, f"{family}: {r}"
+
+
+def test_default_recipe_runs_every_quantized_conv_as_int8(tmp_path):
+    c = qseg.convert(prepared({}))
+    integer = len(c.qseg_convert.integer_layers)
+    assert integer == 13
+    x = torch.randn(1, 1, 32, 32)
+    onnx_path = export_onnx(c, x, tmp_path / "m.onnx")
+    ir_path = openvino_from_onnx(onnx_path, tmp_path / "m.xml")
+    convs = runtime_precisions(ir_path)
+    assert sum(p.precision == "u8" for p in convs) == integer
+    assert sum(p.precision == "f32" for p in convs) == 2  # the float first and last layers
+    assert onnxruntime_ops(onnx_path).get("QLinearConv") == integer
+    results = check_parity(c, torch.randn(2, 1, 64, 64), onnx_path, ir_path)
+    assert all(r.max_abs_diff == 0.0 for r in results), results  # bit-exact, not only within a step
