@@ -1,0 +1,223 @@
+"""Cost of ``qseg.prepare`` and of training the model it returns, against the float model.
+
+a) ``qseg.prepare`` wall time (median of 3) for paper A's U-Net at two example sizes
+   (prepare runs the model twice on the example to verify the capture, so the
+   example's size counts), and for every model of ``tests/zoo/catalog.py`` when that
+   file exists and its packages import.
+b) One training step (forward, BCE-with-logits loss, backward, Adam step) of the
+   paper U-Net, batch 4 of 1x1x200x200: float, prepared by qseg, and the prepared
+   model with its quantizers swapped for ``torch.fake_quantize_per_tensor_affine``
+   on the same grids (a fused C++ kernel, the lower bound for fake quantization).
+   Rounds are interleaved (one step of each variant per round) so that drift of a
+   shared machine hits all alike; the table reports medians and the ratio to float.
+
+Run: ``python benchmarks/prepare.py [--threads 2] [--rounds 10]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import qseg
+from qseg.models import PaperUNet
+from qseg.nn import ActQuant
+from qseg.quantizers import Quantizer
+
+REPO = Path(__file__).resolve().parent.parent
+GOAL_UNET_S = 1.0
+GOAL_ZOO_S = 5.0
+GOAL_RATIO = 1.3
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def median_time(fn: Callable[[], object], repeats: int = 3) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def prepare_rows() -> tuple[list[tuple[str, str, float | None, float, str]], list[str]]:
+    """(model, example, seconds or None, goal, note) rows and lines about skipped models."""
+    rows = []
+    torch.manual_seed(0)
+    unet = PaperUNet()
+    for size in (200, 64):
+        x = torch.randn(1, 1, size, size)
+        seconds = median_time(lambda x=x: qseg.prepare(unet, example_inputs=x))
+        rows.append(("PaperUNet (4.84M)", f"1x1x{size}x{size}", seconds, GOAL_UNET_S, ""))
+
+    notes = []
+    catalog = REPO / "tests" / "zoo" / "catalog.py"
+    if not catalog.exists():
+        notes.append(f"zoo: skipped, {catalog.relative_to(REPO)} does not exist")
+        return rows, notes
+    sys.path.insert(0, str(catalog.parent.parent))  # the catalog imports itself as zoo.catalog
+    try:
+        from zoo import catalog as zoo_catalog
+    except ImportError as exc:
+        notes.append(f"zoo: skipped, importing the catalog failed: {exc}")
+        return rows, notes
+    lacking = getattr(zoo_catalog, "missing", lambda entry: [])  # noqa: ARG005
+    skipped = []
+    for name, entry in zoo_catalog.zoo().items():
+        if lacking(entry):
+            skipped.append(f"{name} (needs {', '.join(lacking(entry))})")
+            continue
+        try:
+            torch.manual_seed(0)
+            model = entry.factory()
+            example = entry.example()
+        except ImportError as exc:  # a package the model needs is missing or broken
+            skipped.append(f"{name} ({exc})")
+            continue
+        if isinstance(example, torch.Tensor):
+            shape = "x".join(map(str, example.shape))
+        else:
+            shape = "tuple"
+        try:
+            seconds = median_time(lambda m=model, e=example: qseg.prepare(m, example_inputs=e))
+            note = ""
+        except Exception as exc:
+            seconds, note = None, f" {type(exc).__name__}: {str(exc).splitlines()[0][:60]}"
+        rows.append((name, shape, seconds, GOAL_ZOO_S, note))
+    if skipped:
+        notes.append("zoo: skipped: " + "; ".join(skipped))
+    else:
+        notes.append("zoo: no catalog model skipped for a missing package")
+    return rows, notes
+
+
+class TorchFakeQuant(nn.Module):
+    """``torch.fake_quantize_per_tensor_affine`` on a qseg quantizer's (per-tensor) grid."""
+
+    def __init__(self, quantizer: Quantizer) -> None:
+        super().__init__()
+        spec = quantizer.spec(None)
+        if spec is None or spec.axis is not None:
+            raise ValueError(f"{quantizer} has no per-tensor uniform grid")
+        self.scale = float(spec.scale)
+        self.zero_point = int(spec.zero_point)
+        self.qmin, self.qmax = spec.qmin, spec.qmax
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, self.qmin, self.qmax)
+
+
+def with_torch_fake_quant(qmodel: nn.Module) -> nn.Module:
+    """A copy of a prepared model whose quantizers are torch's fake quantizer on the same grids."""
+    qmodel = copy.deepcopy(qmodel)
+    for module in qmodel.modules():
+        if isinstance(module, ActQuant):
+            module.quantizer = TorchFakeQuant(module.quantizer)
+        elif isinstance(getattr(module, "weight_quant", None), Quantizer):
+            module.weight_quant = TorchFakeQuant(module.weight_quant)
+    return qmodel
+
+
+class Trainer:
+    """One model, its Adam optimizer and a timed training step on a fixed batch."""
+
+    def __init__(self, model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> None:
+        self.model = model.train()
+        self.opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+        self.x, self.target = x, target
+        self.times: list[float] = []
+
+    def step(self, record: bool = True) -> float:
+        start = time.perf_counter()
+        loss = nn.functional.binary_cross_entropy_with_logits(self.model(self.x), self.target)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        elapsed = time.perf_counter() - start
+        if record:
+            self.times.append(elapsed)
+        return loss.detach().item()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--size", type=int, default=200)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    print(f"# torch {torch.__version__}, {cpu_name()}, {torch.get_num_threads()} threads")
+    print()
+    print("## a) qseg.prepare wall time, median of 3")
+    rows, notes = prepare_rows()
+    print(f"| {'model':<40} | {'example':<14} | {'seconds':>8} | {'goal':>6} | {'ok':<3} |")
+    print(f"|{'-' * 42}|{'-' * 16}|{'-' * 10}|{'-' * 8}|{'-' * 5}|")
+    for name, example, seconds, goal, note in rows:
+        shown = f"{seconds:8.2f}" if seconds is not None else f"{'-':>8}"
+        ok = "yes" if seconds is not None and seconds < goal else "NO"
+        print(
+            f"| {name:<40} | {example:<14} | {shown} | {'<' + format(goal, 'g') + ' s':>6} | {ok:<3} |{note}"
+        )
+    for line in notes:
+        print(line)
+
+    print()
+    print(
+        f"## b) training step (forward + BCE loss + backward + Adam), PaperUNet 4.84M, "
+        f"batch {args.batch}x1x{args.size}x{args.size}, median of {args.rounds} interleaved rounds"
+    )
+    torch.manual_seed(0)
+    float_model = PaperUNet()
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(args.batch, 1, args.size, args.size, generator=gen)
+    target = (torch.rand(args.batch, 1, args.size, args.size, generator=gen) > 0.5).float()
+    prepared = qseg.prepare(float_model, example_inputs=x[:1])
+    torch_fq = with_torch_fake_quant(prepared)
+    # the swap is faithful: the same grids, rounding and clipped STE give the same logits
+    with torch.no_grad():
+        a, b = copy.deepcopy(prepared).eval(), copy.deepcopy(torch_fq).eval()
+        diff = (a(x[:1]) - b(x[:1])).abs().max().item()
+    trainers = {
+        "float": Trainer(float_model, x, target),
+        "qseg prepared (Qa6.0/Qw0.4)": Trainer(prepared, x, target),
+        "torch fake_quantize, same grids": Trainer(torch_fq, x, target),
+    }
+    for trainer in trainers.values():  # warm-up
+        for _ in range(2):
+            trainer.step(record=False)
+    for _ in range(args.rounds):
+        for trainer in trainers.values():
+            trainer.step()
+    base = statistics.median(trainers["float"].times)
+    print(f"| {'variant':<32} | {'median ms':>9} | {'vs float':>8} | {'goal':>7} |")
+    print(f"|{'-' * 34}|{'-' * 11}|{'-' * 10}|{'-' * 9}|")
+    for name, trainer in trainers.items():
+        med = statistics.median(trainer.times)
+        goal = "" if name == "float" else f"<= {GOAL_RATIO}"
+        print(f"| {name:<32} | {med * 1e3:9.1f} | {med / base:8.2f} | {goal:>7} |")
+    print(f"eval logits, qseg vs torch fake_quantize swap: max |diff| = {diff:.3g}")
+
+
+if __name__ == "__main__":
+    main()
