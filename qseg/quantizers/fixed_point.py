@@ -102,18 +102,21 @@ class FixedPoint(Quantizer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = compute_dtype(x)
+        hi = 2 ** (self.int_bits + self.frac_bits) - 1
+        lo = -hi if self.signed else 0
         with torch.no_grad():
             xc = x.detach().to(dtype)
-            scaled = xc * 2.0**self.frac_bits
-            lo = -(2 ** (self.int_bits + self.frac_bits) - 1) if self.signed else 0
-            hi = 2 ** (self.int_bits + self.frac_bits) - 1
-            codes = torch.round(scaled)
+            codes = torch.round_(xc * 2.0**self.frac_bits)
             mask = None
-            if self.ste == "clipped":
-                mask = ((codes >= lo) & (codes <= hi)).to(dtype)
             if self.overflow == "saturate":
-                q = codes.clamp_(lo, hi).mul_(self.step)
+                q = codes.clamp(lo, hi)
+                if self.ste == "clipped":
+                    # clamping changed nothing exactly where the value is representable
+                    mask = q == codes
+                q.mul_(self.step)
             else:
+                if self.ste == "clipped":
+                    mask = (codes >= lo) & (codes <= hi)
                 q = self._published(xc)
         return straight_through(x, q.to(x.dtype), mask)
 
