@@ -59,13 +59,17 @@ def apply_plan(model: nn.Module, graph_module: fx.GraphModule, plan: Plan) -> Pl
             quantize_module(model.get_submodule(d.layer.name), d.weights.build())
         applied.layers.append(d)
     nodes = {n.name: n for n in graph_module.graph.nodes}
+    quantized = {d.layer.node for d in applied.layers if d.weights is not None}
     for a in plan.activations:
         if a.before:
-            for consumer in a.before:
+            # an input quantizer serves quantized layers; functional ones stayed float above
+            consumers = [c for c in a.before if c in quantized]
+            for consumer in consumers:
                 module = model.get_submodule(nodes[consumer].target)
                 module.add_module("input_quant", ActQuant(a.config.build(), a.rule))
                 module.register_forward_pre_hook(_quantize_input)
-            applied.activations.append(a)
+            if consumers:
+                applied.activations.append(replace(a, before=tuple(consumers)))
             continue
         node = nodes[a.after]
         if node.op != "call_module":
