@@ -258,6 +258,15 @@ class QsegTracer(fx.Tracer):
         self.leaf_types = tuple(m for m in leaf_modules if isinstance(m, type))
         self.leaf_names = frozenset(m for m in leaf_modules if isinstance(m, str))
 
+    def call_module(self, m: nn.Module, forward, args, kwargs):
+        try:
+            self.path_of_module(m)
+        except NameError:
+            # a module built inside forward (MONAI's resnet makes its shortcut pooling
+            # that way) is not a submodule: record its ops instead of a call to it
+            return forward(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if isinstance(m, Quantizer) or type(m).__module__.startswith("qseg."):
             return True

@@ -108,9 +108,10 @@ def _prepare_fallback(model: nn.Module, inputs: tuple, recipe: Recipe, fx_failur
             f"{type(model).__name__} could not be captured.\n"
             f"  torch.fx: {fx_failure}\n"
             f"  torch.export: {type(exc).__name__}{' at ' + where if where else ''}: {g.first_line(exc)}\n"
-            "What to do: data-dependent Python control flow (an `if` on a tensor's value) cannot be "
-            "captured; make it a tensor op (torch.where) or move it out of forward, or pass the module "
-            "holding it as leaf_modules=[...] so it stays float and uncaptured."
+            "What to do: look at the lines named above. Data-dependent Python control flow (an `if` on "
+            "a tensor's value) cannot be captured: make it a tensor op (torch.where) or move it out of "
+            "forward. Or pass the module holding the line as leaf_modules=[...]: it is then kept whole "
+            "and stays float."
         ) from exc
     decisions = apply_plan(model, module_graph, plan(module_graph, recipe))
     how = f"torch.export + module swap (torch.fx failed: {fx_failure})"

@@ -173,3 +173,20 @@ def test_bad_recipe_is_a_recipe_error():
         )
     with pytest.raises(qseg.RecipeError, match="unknown recipe 'nope'"):
         qseg.prepare(unet(), "nope", example_inputs=x_unet())
+
+
+def test_a_module_built_inside_forward_is_traced_through():
+    class Shortcut(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.b1 = nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4)
+            self.c2 = nn.Conv2d(4, 1, 1)
+
+        def forward(self, x):
+            y = torch.relu(self.b1(self.c1(x)))
+            y = nn.AvgPool2d(kernel_size=1, stride=2)(y)  # not a submodule, as in MONAI's resnet
+            return self.c2(y)
+
+    q = qseg.prepare(Shortcut(), example_inputs=torch.randn(2, 1, 8, 8))
+    assert q.qseg_report.capture.startswith("torch.fx")
+    assert any(n.op == "call_function" and n.target is nn.functional.avg_pool2d for n in q.graph.nodes)
