@@ -176,16 +176,8 @@ SIGN_PRESERVING_FUNCTIONS = (
     operator.getitem,
     torch.add,
 )
-SIGN_PRESERVING_METHODS = (
-    "view",
-    "reshape",
-    "flatten",
-    "permute",
-    "contiguous",
-    "squeeze",
-    "unsqueeze",
-    "add",
-)
+RESHAPE_METHODS = ("view", "reshape", "flatten", "permute", "contiguous", "squeeze", "unsqueeze")
+SIGN_PRESERVING_METHODS = (*RESHAPE_METHODS, "add")
 
 
 aten = torch.ops.aten
@@ -634,16 +626,7 @@ GRID_KEEPING_FUNCTIONS = (
     aten.permute.default,
     aten.clone.default,
 )
-GRID_KEEPING_METHODS = (
-    *RELU_METHODS,
-    "view",
-    "reshape",
-    "flatten",
-    "permute",
-    "contiguous",
-    "squeeze",
-    "unsqueeze",
-)
+GRID_KEEPING_METHODS = (*RELU_METHODS, *RESHAPE_METHODS)
 CONCATENATIONS = (torch.cat, torch.concat, torch.stack, aten.cat.default)
 
 

@@ -58,3 +58,13 @@ def one_training_step(qmodel: nn.Module, x: torch.Tensor) -> float:
     moved = [n for n, p in qmodel.named_parameters() if not torch.equal(before[n], p.detach())]
     assert moved, "no parameter changed"
     return float(loss.detach())
+
+
+def bypass_quantizers(model: nn.Module) -> None:
+    """Replace every quantizer of a prepared model by the identity, in place: what is
+    left must compute the float model (minus dropout)."""
+    for m in model.modules():
+        if isinstance(m, ActQuant):
+            m.quantizer = nn.Identity()
+        if hasattr(m, "weight_quant"):
+            m.weight_quant = nn.Identity()

@@ -11,7 +11,6 @@ from hypothesis import strategies as st
 from torch import nn
 
 import qseg
-from qseg.nn import ActQuant
 
 
 @dataclass(frozen=True)
@@ -83,18 +82,10 @@ class RandomNet(nn.Module):
         return self.head_a(x), self.head_b(outs[0])
 
 
-def bypass_quantizers(model: nn.Module) -> None:
-    for m in model.modules():
-        if isinstance(m, ActQuant):
-            m.quantizer = nn.Identity()
-        if hasattr(m, "weight_quant"):
-            m.weight_quant = nn.Identity()
-
-
 @settings(max_examples=25)
 @given(specs(), st.integers(0, 2**16))
 def test_random_nets_prepare_with_the_invariants(spec, seed):
-    from helpers import check_invariants, one_training_step  # tests/prepare/helpers.py
+    from helpers import bypass_quantizers, check_invariants, one_training_step  # tests/prepare/
 
     torch.manual_seed(seed)
     model = RandomNet(spec)
