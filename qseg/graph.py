@@ -279,10 +279,20 @@ class Capture:
     reason: str = ""
 
 
+def _plain(output: object) -> object:
+    """``output`` with every mapping as a plain dict (FX returns a dict where the eager
+    model returned an OrderedDict, as torchvision's segmentation models do)."""
+    if isinstance(output, dict):
+        return {k: _plain(v) for k, v in output.items()}
+    if isinstance(output, (list, tuple)) and not hasattr(output, "_fields"):
+        return type(output)(_plain(v) for v in output)
+    return output
+
+
 def compare_outputs(expected: object, got: object) -> str:
     """Empty string when two model outputs are equal in structure and value, else why not."""
-    flat_e, spec_e = tree_flatten(expected)
-    flat_g, spec_g = tree_flatten(got)
+    flat_e, spec_e = tree_flatten(_plain(expected))
+    flat_g, spec_g = tree_flatten(_plain(got))
     if spec_e != spec_g:
         return f"the output structure differs: eager {spec_e}, traced {spec_g}"
     for i, (e, g) in enumerate(zip(flat_e, flat_g, strict=True)):

@@ -98,7 +98,10 @@ class _StraightThrough(torch.autograd.Function):
         ctx.has_mask = mask is not None
         if mask is not None:
             ctx.save_for_backward(mask)
-        return q
+        # a fresh tensor object over the same memory: returning the input itself makes
+        # autograd treat the output as a view, and an in-place op after the quantizer
+        # (ReLU(inplace=True), common in backbones) would then be refused
+        return q.detach()
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):

@@ -186,3 +186,32 @@ def test_a_module_built_inside_forward_is_traced_through():
     q = qseg.prepare(Shortcut(), example_inputs=torch.randn(2, 1, 8, 8))
     assert q.qseg_report.capture.startswith("torch.fx")
     assert any(n.op == "call_function" and n.target is nn.functional.avg_pool2d for n in q.graph.nodes)
+
+
+def test_in_place_activation_after_a_quantizer_trains():
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3),
+        nn.BatchNorm2d(4),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(4, 4, 3),
+        nn.BatchNorm2d(4),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(4, 1, 1),
+    )
+    q = qseg.prepare(model, example_inputs=torch.randn(2, 1, 12, 12))
+    one_training_step(q, torch.randn(2, 1, 12, 12))
+
+
+def test_ordered_dict_outputs_are_captured_by_fx():
+    from collections import OrderedDict
+
+    class DictOut(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(1, 2, 3, padding=1), nn.Conv2d(2, 1, 1)
+
+        def forward(self, x):
+            return OrderedDict(out=self.b(torch.relu(self.a(x))))
+
+    q = qseg.prepare(DictOut(), example_inputs=torch.randn(1, 1, 8, 8))
+    assert q.qseg_report.capture.startswith("torch.fx")

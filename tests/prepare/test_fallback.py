@@ -103,3 +103,15 @@ def test_untraceable_model_raises_trace_error_naming_the_line():
     message = str(info.value)
     assert "test_fallback.py" in message and "if y.mean() > 0" in message
     assert "torch.fx" in message and "torch.export" in message and "What to do" in message
+
+
+def test_a_dropout_held_under_two_names_is_removed_under_both():
+    class Shared(MisTraced):
+        def __init__(self):
+            super().__init__()
+            self.drop2 = self.drop  # as MONAI's MLPBlock does
+
+    q = qseg.prepare(Shared(), example_inputs=torch.randn(2, 1, 16, 16))
+    assert "torch.export" in q.qseg_report.capture
+    assert isinstance(q.drop, nn.Identity) and isinstance(q.drop2, nn.Identity)
+    assert set(q.qseg_report.dropout_removed) == {"drop", "drop2"}
