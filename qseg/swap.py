@@ -36,7 +36,9 @@ def strip_dropout_modules(model: nn.Module) -> list[str]:
     returns their names."""
     # remove_duplicate=False: a dropout held under two names (MONAI's MLPBlock sets
     # drop2 = drop1) must be replaced under both
-    names = [name for name, m in model.named_modules(remove_duplicate=False) if isinstance(m, g.DROPOUT_MODULES)]
+    names = [
+        name for name, m in model.named_modules(remove_duplicate=False) if isinstance(m, g.DROPOUT_MODULES)
+    ]
     for name in names:
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, nn.Identity())

@@ -113,6 +113,9 @@ def _as_int4(model) -> None:
             init.name, onnx.TensorProto.INT4, values.shape, values.flatten().tolist()
         )
         init.CopyFrom(packed)
+    # the exporter's type annotations of those initializers still say INT8
+    for info in [v for v in model.graph.value_info if v.name in feeding]:
+        model.graph.value_info.remove(info)
 
 
 def _as_float(model) -> None:

@@ -76,3 +76,28 @@ def test_default_recipe_runs_every_quantized_conv_as_int8(tmp_path):
     assert onnxruntime_ops(onnx_path).get("QLinearConv") == integer
     results = check_parity(c, torch.randn(2, 1, 64, 64), onnx_path, ir_path)
     assert all(r.max_abs_diff == 0.0 for r in results), results  # bit-exact, not only within a step
+
+
+def test_int4_storage_runs_int8_kernels_in_openvino(tmp_path):
+    changes = {"weights": {"kind": "fixed_point", "int_bits": 0, "frac_bits": 3}}  # 4 stored bits
+    c = qseg.convert(prepared(changes))
+    x = torch.randn(1, 1, 32, 32)
+    onnx_path = export_onnx(c, x, tmp_path / "m.onnx", weights="int4")
+    import onnx
+
+    stored = {i.data_type for i in onnx.load(str(onnx_path)).graph.initializer if i.dims and i.dims[0] > 1}
+    assert onnx.TensorProto.INT4 in stored and onnx.TensorProto.INT8 not in stored
+    ir_path = openvino_from_onnx(onnx_path, tmp_path / "m.xml")
+    convs = runtime_precisions(ir_path)
+    assert sum(p.precision == "u8" for p in convs) == 13
+    (openvino,) = check_parity(c, torch.randn(2, 1, 40, 48), None, ir_path)
+    assert openvino.ok, openvino
+
+
+def test_int4_refuses_codes_that_do_not_fit(tmp_path):
+    q = prepared({})
+    with torch.no_grad():
+        q.get_submodule("enc2.conv1").weight[0, 0, 0, 0] = 0.9  # Q0.4 code 14: needs 5 bits
+    c = qseg.convert(q)
+    with pytest.raises(qseg.ExportError, match=r"INT4 holds \[-8, 7\]"):
+        export_onnx(c, torch.randn(1, 1, 32, 32), tmp_path / "m.onnx", weights="int4")

@@ -1,0 +1,674 @@
+"""Deployment latency and size of paper A's U-Net: qseg's QDQ exports against float and NNCF.
+
+One model (``PaperUNet``, 4.84M parameters, seeded), one input (1x1xSxS, S=256 by
+default), the same number of threads everywhere (2 by default). The variants:
+
+1. PyTorch eager, float (``torch.set_num_threads``, ``torch.inference_mode``);
+2. OpenVINO FP32 IR of the float model (``qseg.export_onnx`` of the float model,
+   then ``openvino_from_onnx``, which saves with ``compress_to_fp16=False``);
+3. qseg IR, the default recipe Qa6.0/Qw0.4 (int8 weight storage);
+4. qseg IR, 8-bit recipes: Qa8.0/Qw0.7 (2 x 255 x 127 exceeds the int16 pair bound
+   of AVX2 kernels without VNNI: ``qseg.convert`` warns) and Qa7.0/Qw0.7 (within it);
+5. qseg IR with INT4 weight storage (Qa6.0/Qw0.3, ``weights="int4"``; qseg puts an
+   explicit ``Convert(i4 -> i8)`` after each INT4 weight so the plugin runs int8
+   kernels), and for comparison OpenVINO's plain conversion of the same ONNX;
+6. NNCF int8 IR of the same float model: ``nncf.quantize`` with its defaults on
+   the FP32 IR and 16 random calibration inputs, saved with ``compress_to_fp16=False``;
+7. onnxruntime FP32 (the float ONNX) and 8. onnxruntime on qseg's Qa6.0/Qw0.4 QDQ ONNX.
+
+The model is made to look trained where that matters: conv weights are redrawn
+from N(0, 0.3^2) clipped to [-1, 1], so that the fixed-point codes use their range
+(a default init lies within +-0.04 and rounds almost entirely to 0 on Q0.4, which
+would make the parity checks trivial), and BatchNorm running statistics are the
+average over 20 train-mode forward passes on random inputs (``torch.no_grad``),
+computed for the float model before export and again for each prepared model.
+No QAT is run: latency does not depend on the weights' values.
+
+Latency: every variant is compiled once, then each round runs every variant once
+(round-robin, the starting variant rotating every round, a short pause between
+runs so that one runtime's spinning threads do not slow the next); the first
+``--warmup`` rounds are discarded. The table gives each variant's median and
+minimum over ``--runs`` rounds, and its speed-up as the median over rounds of the
+*paired* ratio (reference time / variant time in the same round), which cancels
+load that comes and goes on a shared machine better than a ratio of medians; the
+goals use these paired ratios. Absolute times drift; read the ratios.
+
+Columns: the conv kernels OpenVINO's CPU plugin really runs (runtime precisions
+from the compiled model's ``rt_info``, ``qseg.exporters.runtime_precisions``), or
+the convs onnxruntime executes after its graph optimizations (``QLinearConv`` =
+fused integer conv); the file size (xml + bin, or .onnx); the bytes of the conv
+weight tensors as stored (int4 packed, int8 codes or float32; scales and biases
+excluded) and their ratio to float32. Then parity of each qseg export against the
+converted PyTorch model in both runtimes (``check_parity``'s max |diff| and verdict,
+plus the share of outputs within one activation step and the difference between
+the two runtimes), the goals with PASS/MISS, a per-node OpenVINO profile of the
+FP32, qseg and NNCF IRs (where the time goes), and how OpenVINO executes
+INT4-stored weights (qseg's IR, OpenVINO's plain conversion, the ONNX read
+directly, and under ``INFERENCE_PRECISION_HINT`` values).
+
+Environment (nncf must not go into the project's venv; the pins keep the CPU torch
+wheel and the project's onnx / openvino versions)::
+
+    python3 -m venv /tmp/bench
+    /tmp/bench/bin/pip install torch==2.13.0 nncf==3.4.0 onnx onnxruntime openvino -e "/work/main[onnx,openvino]"
+
+Run: ``/tmp/bench/bin/python benchmarks/deploy.py [--runs 50] [--warmup 5] [--threads 2] [--size 256] [--out DIR]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import platform
+import statistics
+import tempfile
+import time
+import warnings
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+import qseg
+from qseg.exporters import check_parity, openvino_from_onnx, runtime_precisions
+from qseg.exporters.parity import onnxruntime_ops, run_onnxruntime, run_openvino
+from qseg.models import PaperUNet
+
+SEED = 0
+BN_PASSES = 20
+CALIBRATION_SAMPLES = 16
+WEIGHT_STD = 0.3
+PAUSE_S = 0.02
+# goals
+GOAL_SPEEDUP = 1.7
+GOAL_INT4_RATIO = 0.15
+
+
+# ---------------------------------------------------------------- environment
+
+
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo (the platform's name elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_flags() -> str:
+    """The int8-relevant ISA flags of the CPU (avx2, avx512*, vnni, amx)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = line.split(":", 1)[1].split()
+                    wanted = [
+                        f for f in flags if f == "avx2" or "vnni" in f or f.startswith(("avx512", "amx"))
+                    ]
+                    return " ".join(wanted) or "-"
+    except OSError:
+        pass
+    return "?"
+
+
+def versions() -> str:
+    import nncf
+    import onnxruntime
+    import openvino
+
+    return (
+        f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, "
+        f"openvino {openvino.get_version()}, nncf {nncf.__version__}, qseg {qseg.__version__}, "
+        f"numpy {np.__version__}"
+    )
+
+
+def quiet() -> None:
+    """Silence the exporters' and NNCF's chatter (warnings stay in the table)."""
+    warnings.filterwarnings("ignore")
+    for name in ("torch.onnx", "torch._export", "torch.export", "nncf", "onnxscript"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    import nncf
+
+    nncf.set_log_level(logging.ERROR)
+
+
+# ---------------------------------------------------------------- the model
+
+
+def trained_looking_unet(size: int) -> nn.Module:
+    """The seeded paper U-Net with wide-range conv weights and populated BN statistics."""
+    torch.manual_seed(SEED)
+    model = PaperUNet()
+    gen = torch.Generator().manual_seed(SEED)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.Conv2d):
+                w = torch.randn(module.weight.shape, generator=gen) * WEIGHT_STD
+                module.weight.copy_(w.clamp(-1.0, 1.0))
+    populate_batchnorm(model, size, seed=SEED + 1)
+    return model
+
+
+def populate_batchnorm(model: nn.Module, size: int, seed: int) -> None:
+    """Set every BatchNorm's running statistics to their average over ``BN_PASSES``
+    train-mode forward passes on random 1x1xSxS inputs (no gradients)."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    with torch.no_grad():
+        for _ in range(BN_PASSES):
+            model(torch.randn(1, 1, size, size, generator=gen))
+    for m, momentum in zip(norms, momenta, strict=True):
+        m.momentum = momentum
+    model.eval()
+
+
+def recipe(act_bits: int, weight_frac_bits: int) -> dict:
+    """The default recipe with unsigned Q<act_bits>.0 activations and Q0.<frac> weights."""
+    spec = qseg.recipes.load("unet-qa6.0-qw0.4").to_dict()
+    spec["name"] = f"unet-qa{act_bits}.0-qw0.{weight_frac_bits}"
+    spec["weights"] = {"kind": "fixed_point", "int_bits": 0, "frac_bits": weight_frac_bits}
+    spec["activations"] = {"kind": "fixed_point", "int_bits": act_bits, "frac_bits": 0, "signed": False}
+    return spec
+
+
+# ---------------------------------------------------------------- exports
+
+
+@dataclass
+class QsegExport:
+    """A prepared, converted and exported recipe."""
+
+    label: str
+    converted: nn.Module
+    onnx_path: Path
+    xml_path: Path
+    convert_warnings: list[str]
+    note: str = ""
+
+
+def export_qseg(
+    float_model: nn.Module, spec: dict, label: str, x: torch.Tensor, out: Path, weights: str = "int8"
+) -> QsegExport:
+    """prepare -> BN statistics -> convert -> QDQ ONNX (``weights`` storage) -> OpenVINO IR."""
+    prepared = qseg.prepare(float_model, spec, example_inputs=x)
+    populate_batchnorm(prepared, x.shape[-1], seed=SEED + 2)
+    converted = qseg.convert(prepared)
+    stem = spec["name"] + ("-int4" if weights == "int4" else "")
+    onnx_path = qseg.export_onnx(converted, x, out / f"{stem}.onnx", weights=weights)
+    note = ""
+    xml_path = openvino_from_onnx(onnx_path, out / f"{stem}.xml")
+    return QsegExport(label, converted, onnx_path, xml_path, converted.qseg_convert.warnings, note)
+
+
+def plain_openvino_ir(onnx_path: Path, xml_out: Path) -> Path:
+    """OpenVINO's own conversion of an ONNX file, without the ``Convert(i4 -> i8)`` that
+    ``qseg.exporters.openvino_from_onnx`` adds after INT4 weights (for comparison)."""
+    import openvino as ov
+
+    ov.save_model(ov.convert_model(str(onnx_path)), str(xml_out), compress_to_fp16=False)
+    return xml_out
+
+
+def nncf_int8_ir(fp32_xml: Path, size: int, out: Path) -> Path:
+    """``nncf.quantize`` with its defaults on the FP32 IR, 16 random calibration inputs."""
+    import nncf
+    import openvino as ov
+
+    rng = np.random.default_rng(SEED + 3)
+    data = [rng.standard_normal((1, 1, size, size), dtype=np.float32) for _ in range(CALIBRATION_SAMPLES)]
+    quantized = nncf.quantize(ov.Core().read_model(str(fp32_xml)), nncf.Dataset(data))
+    path = out / "nncf-int8.xml"
+    ov.save_model(quantized, str(path), compress_to_fp16=False)
+    return path
+
+
+# ---------------------------------------------------------------- inspection
+
+
+def ov_kernels(xml: Path, threads: int) -> str:
+    """'13 u8 + 2 f32': the runtime precisions of the compiled model's convolutions."""
+    counts = Counter(p.precision for p in runtime_precisions(xml, threads))
+    return " + ".join(f"{n} {precision}" for precision, n in counts.most_common())
+
+
+def ort_kernels(onnx_path: Path) -> str:
+    """'13 QLinearConv + 2 Conv': the conv ops onnxruntime executes after optimization."""
+    counts = {op: n for op, n in onnxruntime_ops(onnx_path).items() if "Conv" in op}
+    return " + ".join(f"{n} {op}" for op, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def file_size(path: Path) -> int:
+    """Bytes on disk: an .onnx file, or an IR's xml plus its bin."""
+    if path.suffix == ".xml":
+        return path.stat().st_size + path.with_suffix(".bin").stat().st_size
+    return path.stat().st_size
+
+
+def ov_weight_bytes(xml: Path) -> int:
+    """Bytes of the conv weight tensors as stored in an IR: for every Convolution, the
+    largest constant its weight input is computed from (codes before Convert/Multiply)."""
+    import openvino as ov
+
+    model = ov.Core().read_model(str(xml))
+    total = 0
+    for op in model.get_ordered_ops():
+        if op.get_type_name() != "Convolution":
+            continue
+        constants, stack = [], [op.input_value(1).get_node()]
+        while stack:
+            node = stack.pop()
+            if node.get_type_name() == "Constant":
+                constants.append(node)
+            else:
+                stack.extend(v.get_node() for v in node.input_values())
+        total += max(constants, key=lambda c: math.prod(c.get_output_shape(0))).get_byte_size()
+    return total
+
+
+ONNX_BITS = {"FLOAT": 32, "FLOAT16": 16, "INT8": 8, "UINT8": 8, "INT16": 16, "INT4": 4, "UINT4": 4}
+
+
+def onnx_weight_bytes(path: Path) -> int:
+    """Bytes of the conv weight initializers as stored in an ONNX file (through a
+    DequantizeLinear where there is one)."""
+    import onnx
+
+    proto = onnx.load(str(path))
+    inits = {i.name: i for i in proto.graph.initializer}
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    total = 0
+    for node in proto.graph.node:
+        if node.op_type != "Conv":
+            continue
+        name = node.input[1]
+        while name not in inits:
+            name = producer[name].input[0]
+        init = inits[name]
+        bits = ONNX_BITS[onnx.TensorProto.DataType.Name(init.data_type)]
+        total += math.ceil(math.prod(init.dims) * bits / 8)
+    return total
+
+
+def conv_weight_bytes_fp32(model: nn.Module) -> int:
+    return sum(4 * m.weight.numel() for m in model.modules() if isinstance(m, nn.Conv2d))
+
+
+# ---------------------------------------------------------------- runners
+
+
+def torch_runner(model: nn.Module, x: torch.Tensor) -> Callable[[], object]:
+    model = model.eval()
+
+    def run() -> object:
+        with torch.inference_mode():
+            return model(x)
+
+    return run
+
+
+def openvino_runner(xml: Path, x: np.ndarray, threads: int) -> Callable[[], object]:
+    import openvino as ov
+
+    config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
+    compiled = ov.Core().compile_model(str(xml), "CPU", config)
+    request = compiled.create_infer_request()
+    request.set_input_tensor(ov.Tensor(x))
+    return request.infer
+
+
+def onnxruntime_runner(path: Path, x: np.ndarray, threads: int) -> Callable[[], object]:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    feed = {session.get_inputs()[0].name: x}
+    return lambda: session.run(None, feed)
+
+
+@dataclass
+class Variant:
+    """One row of the table; ``times[r]`` is its latency in timed round ``r``."""
+
+    name: str
+    runtime: str  # torch | openvino | onnxruntime
+    run: Callable[[], object]
+    kernels: str = "-"
+    size: int | None = None
+    weight_bytes: int | None = None
+    times: list[float] = field(default_factory=list)
+
+    @property
+    def median_ms(self) -> float:
+        return 1e3 * statistics.median(self.times)
+
+    @property
+    def min_ms(self) -> float:
+        return 1e3 * min(self.times)
+
+    def ratio(self, other: Variant) -> float:
+        """Median over rounds of ``self / other`` latency in the same round (paired, so
+        that load which comes and goes cancels); below 1 means ``self`` is faster."""
+        return statistics.median(a / b for a, b in zip(self.times, other.times, strict=True))
+
+
+def interleave(variants: list[Variant], runs: int, warmup: int, pause: float) -> None:
+    """Round-robin timing: each round runs every variant once, starting one later each round."""
+    n = len(variants)
+    for r in range(warmup + runs):
+        for k in range(n):
+            v = variants[(r + k) % n]
+            start = time.perf_counter()
+            v.run()
+            elapsed = time.perf_counter() - start
+            if r >= warmup:
+                v.times.append(elapsed)
+            time.sleep(pause)
+
+
+# ---------------------------------------------------------------- report
+
+
+def mib(n: int | None) -> str:
+    return "-" if n is None else f"{n / 2**20:.2f} MiB"
+
+
+def print_table(variants: list[Variant], fp32_weight_bytes: int) -> None:
+    ov_ref = next(v for v in variants if v.name.startswith("OpenVINO FP32"))
+    ort_ref = next(v for v in variants if v.name.startswith("onnxruntime FP32"))
+    header = (
+        "variant",
+        "median ms",
+        "min ms",
+        "speed-up vs OV FP32",
+        "conv kernels",
+        "file size",
+        "weight bytes (vs FP32)",
+    )
+    rows = []
+    for v in variants:
+        speedup = f"{1 / v.ratio(ov_ref):.2f}x"
+        if v.runtime == "onnxruntime":
+            speedup += f" ({1 / v.ratio(ort_ref):.2f}x vs ORT FP32)"
+        weights = (
+            "-"
+            if v.weight_bytes is None
+            else f"{mib(v.weight_bytes)} ({v.weight_bytes / fp32_weight_bytes:.3f}x)"
+        )
+        rows.append(
+            (v.name, f"{v.median_ms:.1f}", f"{v.min_ms:.1f}", speedup, v.kernels, mib(v.size), weights)
+        )
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: tuple) -> str:
+        return "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
+
+    print(line(header))
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for r in rows:
+        print(line(r))
+    print(
+        "  speed-up: median over rounds of (reference / variant) in the same round; "
+        "median and min ms: over rounds"
+    )
+
+
+def parity_line(e: QsegExport, x: torch.Tensor, threads: int, ir_path: Path | None = None) -> str:
+    """check_parity's verdict per runtime, the share of outputs within one step, and how
+    far the two runtimes are from each other."""
+    onnx_path = None if ir_path else e.onnx_path
+    ir_path = ir_path or e.xml_path
+    results = check_parity(e.converted, x, onnx_path, ir_path, threads)
+    with torch.no_grad():
+        expected = e.converted(x).numpy()
+    outputs = {}
+    if onnx_path is not None:
+        outputs["onnxruntime"] = run_onnxruntime(onnx_path, (x,), threads)[0]
+    outputs["openvino"] = run_openvino(ir_path, (x,), threads)[0]
+    parts = []
+    for r in results:
+        within = float(np.mean(np.abs(outputs[r.runtime] - expected) <= r.step))
+        parts.append(f"{r}, {100 * within:.2f}% of outputs within one step")
+    if len(outputs) == 2:
+        parts.append(
+            f"|onnxruntime - openvino| max {np.abs(outputs['onnxruntime'] - outputs['openvino']).max():.3g}"
+        )
+    return "; ".join(parts)
+
+
+def profile_openvino(
+    xml: Path, x: np.ndarray, threads: int, iterations: int = 5
+) -> dict[tuple[str, str], float]:
+    """Mean ms per (op type, kernel) over ``iterations`` runs after one warm-up run,
+    from OpenVINO's per-node performance counters."""
+    import openvino as ov
+
+    config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY", "PERF_COUNT": True}
+    request = ov.Core().compile_model(str(xml), "CPU", config).create_infer_request()
+    request.infer({0: x})
+    totals: Counter[tuple[str, str]] = Counter()
+    for _ in range(iterations):
+        request.infer({0: x})
+        for p in request.profiling_info:
+            if p.status == p.Status.EXECUTED:
+                totals[(p.node_type, p.exec_type)] += 1e3 * p.real_time.total_seconds() / iterations
+    return dict(totals)
+
+
+def profile_line(name: str, profile: dict[tuple[str, str], float]) -> str:
+    total = sum(profile.values())
+    conv = sum(ms for (op, _), ms in profile.items() if op == "Convolution")
+    others = sorted(
+        ((ms, op, kernel) for (op, kernel), ms in profile.items() if op != "Convolution"), reverse=True
+    )
+    shown = ", ".join(f"{op} {kernel} {ms:.1f}" for ms, op, kernel in others[:5] if ms >= 0.5) or "-"
+    return f"  {name:<30} total {total:6.1f} ms, convolutions {conv:6.1f} ms, other {total - conv:5.1f} ms: {shown}"
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "MISS"
+
+
+def investigate_int4(int4_xml: Path, int4_onnx: Path, plain_xml: Path, threads: int) -> list[str]:
+    """How OpenVINO executes INT4-stored convs: qseg's IR (an explicit Convert(i4 -> i8)
+    after each INT4 weight), OpenVINO's plain conversion, the ONNX read directly, and the
+    precision hints."""
+    import openvino as ov
+
+    lines = [
+        f"  qseg IR (INT4 storage, {mib(file_size(int4_xml))}): conv kernels {ov_kernels(int4_xml, threads)}",
+        f"  OpenVINO's plain conversion of the same ONNX: conv kernels {ov_kernels(plain_xml, threads)}",
+        f"  the INT4 ONNX read directly by OpenVINO (no IR): {ov_kernels(int4_onnx, threads)}",
+    ]
+    core = ov.Core()
+    model = core.read_model(str(plain_xml))
+    for hint in ("bf16", "f16", "i8"):
+        try:
+            compiled = core.compile_model(
+                model, "CPU", {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": hint}
+            )
+        except Exception as exc:
+            reason = next((s for s in str(exc).splitlines() if "Supported values" in s), str(exc)[:100])
+            lines.append(f"  plain IR, INFERENCE_PRECISION_HINT={hint}: rejected: {reason.strip()}")
+            continue
+        counts = Counter(
+            op.get_rt_info()["runtimePrecision"].astype(str)
+            for op in compiled.get_runtime_model().get_ordered_ops()
+            if op.get_rt_info()["layerType"].astype(str) == "Convolution"
+        )
+        effective = compiled.get_property("INFERENCE_PRECISION_HINT")
+        effective = effective.get_type_name() if hasattr(effective, "get_type_name") else str(effective)
+        lines.append(
+            f"  plain IR, INFERENCE_PRECISION_HINT={hint}: runs as {effective} on this CPU, conv kernels "
+            + " + ".join(f"{n} {p}" for p, n in counts.most_common())
+        )
+    return lines
+
+
+# ---------------------------------------------------------------- main
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=50, help="timed rounds (medians over these)")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed rounds first")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--size", type=int, default=256, help="input height and width (multiple of 8)")
+    parser.add_argument("--out", type=Path, default=None, help="where the files go (default: a temp dir)")
+    args = parser.parse_args()
+    out = args.out or Path(tempfile.mkdtemp(prefix="qseg-deploy-"))
+    out.mkdir(parents=True, exist_ok=True)
+    quiet()
+    torch.set_num_threads(args.threads)
+    PaperUNet.check_input_size(args.size, args.size)
+
+    print(f"# {versions()}")
+    print(
+        f"# CPU: {cpu_name()} ({os.cpu_count()} logical CPUs; flags: {cpu_flags()}), {args.threads} threads"
+    )
+    print(
+        f"# PaperUNet, input 1x1x{args.size}x{args.size}, median of {args.runs} interleaved rounds "
+        f"after {args.warmup} warm-up rounds; files in {out}"
+    )
+    started = time.perf_counter()
+    load_start = os.getloadavg()[0]
+
+    x = torch.randn(1, 1, args.size, args.size, generator=torch.Generator().manual_seed(SEED + 4))
+    x_np = x.numpy()
+    model = trained_looking_unet(args.size)
+    fp32_weight_bytes = conv_weight_bytes_fp32(model)
+
+    float_onnx = qseg.export_onnx(model, x, out / "float.onnx")
+    float_xml = openvino_from_onnx(float_onnx, out / "float.xml")
+    exports = {
+        "qa6w4": export_qseg(model, recipe(6, 4), "Qa6.0/Qw0.4", x, out),
+        "qa8w7": export_qseg(model, recipe(8, 7), "Qa8.0/Qw0.7", x, out),
+        "qa7w7": export_qseg(model, recipe(7, 7), "Qa7.0/Qw0.7", x, out),
+        "int4": export_qseg(model, recipe(6, 3), "Qa6.0/Qw0.3 INT4", x, out, weights="int4"),
+    }
+    plain_int4_xml = plain_openvino_ir(exports["int4"].onnx_path, out / "unet-qa6.0-qw0.3-int4-plain.xml")
+    nncf_xml = nncf_int8_ir(float_xml, args.size, out)
+    print(f"# models built and exported in {time.perf_counter() - started:.0f} s")
+
+    def ov_variant(name: str, xml: Path) -> Variant:
+        return Variant(
+            name,
+            "openvino",
+            openvino_runner(xml, x_np, args.threads),
+            ov_kernels(xml, args.threads),
+            file_size(xml),
+            ov_weight_bytes(xml),
+        )
+
+    def ort_variant(name: str, path: Path) -> Variant:
+        return Variant(
+            name,
+            "onnxruntime",
+            onnxruntime_runner(path, x_np, args.threads),
+            ort_kernels(path),
+            file_size(path),
+            onnx_weight_bytes(path),
+        )
+
+    variants = [
+        Variant("PyTorch eager FP32", "torch", torch_runner(model, x), weight_bytes=fp32_weight_bytes),
+        ov_variant("OpenVINO FP32 IR", float_xml),
+        ov_variant("qseg IR Qa6.0/Qw0.4 (default)", exports["qa6w4"].xml_path),
+        ov_variant("qseg IR Qa8.0/Qw0.7", exports["qa8w7"].xml_path),
+        ov_variant("qseg IR Qa7.0/Qw0.7", exports["qa7w7"].xml_path),
+        ov_variant("qseg IR Qa6.0/Qw0.3 INT4 weights", exports["int4"].xml_path),
+        ov_variant("  same, OpenVINO's plain conversion", plain_int4_xml),
+        ov_variant("NNCF int8 IR (defaults)", nncf_xml),
+        ort_variant("onnxruntime FP32", float_onnx),
+        ort_variant("onnxruntime qseg QDQ Qa6.0/Qw0.4", exports["qa6w4"].onnx_path),
+    ]
+    interleave(variants, args.runs, args.warmup, PAUSE_S)
+
+    print()
+    print_table(variants, fp32_weight_bytes)
+
+    print()
+    print("## parity: max |diff| against the converted PyTorch model (tolerance: one activation step)")
+    for e in exports.values():
+        print(f"  {e.label:<18} {parity_line(e, x, args.threads)}")
+    print(f"  {'INT4 plain IR':<18} {parity_line(exports['int4'], x, args.threads, ir_path=plain_int4_xml)}")
+    for e in exports.values():
+        kinds = Counter(w.split(": ", 1)[-1] for w in e.convert_warnings)
+        for message, n in kinds.items():
+            print(f"  qseg.convert warning, {e.label}: {n} layers: {message}")
+        if e.note:
+            print(f"  note, {e.label}: {e.note}")
+
+    by_name = {v.name: v for v in variants}
+    fp32 = by_name["OpenVINO FP32 IR"]
+    nncf_v = by_name["NNCF int8 IR (defaults)"]
+    qseg_v = by_name["qseg IR Qa6.0/Qw0.4 (default)"]
+    q8_v = by_name["qseg IR Qa8.0/Qw0.7"]
+    int4_v = by_name["qseg IR Qa6.0/Qw0.3 INT4 weights"]
+    int4_ratio = int4_v.weight_bytes / fp32_weight_bytes
+    print()
+    print("## goals")
+    vs_nncf = qseg_v.ratio(nncf_v)
+    print(
+        f"  {verdict(vs_nncf <= 1.0)}  qseg int8 IR latency <= NNCF int8 IR latency: "
+        f"qseg / NNCF = {vs_nncf:.3f} (medians {qseg_v.median_ms:.1f} vs {nncf_v.median_ms:.1f} ms, "
+        f"min {qseg_v.min_ms:.1f} vs {nncf_v.min_ms:.1f} ms; Qa8.0/Qw0.7: {q8_v.ratio(nncf_v):.3f})"
+    )
+    speedup = 1 / qseg_v.ratio(fp32)
+    print(
+        f"  {verdict(speedup >= GOAL_SPEEDUP)}  qseg int8 IR >= {GOAL_SPEEDUP}x faster than FP32 IR: "
+        f"{speedup:.2f}x (min/min {fp32.min_ms / qseg_v.min_ms:.2f}x; Qa8.0/Qw0.7 {1 / q8_v.ratio(fp32):.2f}x, "
+        f"NNCF {1 / nncf_v.ratio(fp32):.2f}x)"
+    )
+    print(
+        f"  {verdict(int4_ratio <= GOAL_INT4_RATIO)}  4-bit weights <= {GOAL_INT4_RATIO}x FP32 weight bytes: "
+        f"{int4_ratio:.3f}x ({mib(int4_v.weight_bytes)} of {mib(fp32_weight_bytes)}; whole IR "
+        f"{int4_v.size / fp32.size:.3f}x of the FP32 IR)"
+    )
+
+    print()
+    print(
+        "## where OpenVINO spends the time (per-node performance counters, mean of 5 runs, "
+        "not interleaved: read the shares)"
+    )
+    profiled = (
+        ("OpenVINO FP32 IR", float_xml),
+        ("qseg IR Qa6.0/Qw0.4 (default)", exports["qa6w4"].xml_path),
+        ("NNCF int8 IR (defaults)", nncf_xml),
+    )
+    for name, xml in profiled:
+        print(profile_line(name, profile_openvino(xml, x_np, args.threads)))
+
+    print()
+    print("## INT4 weights in OpenVINO: int8 or f32 kernels?")
+    for line in investigate_int4(
+        exports["int4"].xml_path, exports["int4"].onnx_path, plain_int4_xml, args.threads
+    ):
+        print(line)
+    print(
+        f"# total {time.perf_counter() - started:.0f} s; 1-min load average {load_start:.2f} at the start, "
+        f"{os.getloadavg()[0]:.2f} at the end (on {os.cpu_count()} CPUs)"
+    )
+
+
+if __name__ == "__main__":
+    main()
