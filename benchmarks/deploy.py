@@ -61,7 +61,6 @@ import argparse
 import logging
 import math
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -73,6 +72,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from machine import cpu_name  # benchmarks/machine.py (scripts run from this folder)
 from torch import nn
 
 import qseg
@@ -91,18 +91,6 @@ GOAL_INT4_RATIO = 0.15
 
 
 # ---------------------------------------------------------------- environment
-
-
-def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo (the platform's name elsewhere)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def cpu_flags() -> str:

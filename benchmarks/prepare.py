@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import platform
 import statistics
 import sys
 import time
@@ -26,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from machine import cpu_name  # benchmarks/machine.py (scripts run from this folder)
 from torch import nn
 
 import qseg
@@ -37,17 +37,6 @@ REPO = Path(__file__).resolve().parent.parent
 GOAL_UNET_S = 1.0
 GOAL_ZOO_S = 5.0
 GOAL_RATIO = 1.3
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def median_time(fn: Callable[[], object], repeats: int = 3) -> float:

@@ -10,12 +10,12 @@ bit width. Run: ``python benchmarks/quantizers.py [--numel N] [--rounds R]``.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 from collections.abc import Callable
 
 import torch
+from machine import cpu_name  # benchmarks/machine.py (scripts run from this folder)
 
 from qseg.quantizers import Binary, DoReFa, FixedPoint, PowerOfTwo, Ternary, TernaryTanh
 
@@ -42,17 +42,6 @@ def variants() -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
         "Ternary(per channel)": Ternary(channel_axis=0),
         "TernaryTanh (train)": TernaryTanh(),
     }
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def step(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, grad: torch.Tensor) -> float:
