@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import fx, nn
 
 from qseg import graph as g
 from qseg.nn import QUANTIZED, ActQuant
+from qseg.quantizers import Quantizer
 
 
 def check_invariants(qmodel: nn.Module, first: set[str] | None = None, last: set[str] | None = None) -> None:
@@ -60,11 +64,21 @@ def one_training_step(qmodel: nn.Module, x: torch.Tensor) -> float:
     return float(loss.detach())
 
 
-def bypass_quantizers(model: nn.Module) -> None:
-    """Replace every quantizer of a prepared model by the identity, in place: what is
-    left must compute the float model (minus dropout)."""
-    for m in model.modules():
-        if isinstance(m, ActQuant):
-            m.quantizer = nn.Identity()
-        if hasattr(m, "weight_quant"):
-            m.weight_quant = nn.Identity()
+@contextmanager
+def quantizers_bypassed(model: nn.Module) -> Iterator[None]:
+    """Every quantizer of a prepared model (weights, activations, functional layers'
+    weights) replaced by ``nn.Identity`` inside the block: what is left must compute the
+    float model (minus dropout). The quantizers come back afterwards."""
+    saved = [
+        (parent, name, child)
+        for parent in model.modules()
+        for name, child in parent.named_children()
+        if isinstance(child, Quantizer)
+    ]
+    for parent, name, _ in saved:
+        setattr(parent, name, nn.Identity())
+    try:
+        yield
+    finally:
+        for parent, name, child in saved:
+            setattr(parent, name, child)

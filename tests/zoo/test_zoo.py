@@ -11,12 +11,10 @@ model). The prepared model is handed from the first to the second.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import pytest
 import torch
-from prepare.helpers import check_invariants, one_training_step
+from prepare.helpers import check_invariants, one_training_step, quantizers_bypassed
 from torch import fx, nn
 
 import qseg
@@ -31,10 +29,6 @@ FX = "torch.fx"
 FALLBACK = "torch.export + module swap"
 FLOAT_TYPES = tuple(QUANTIZED)
 QUANT_TYPES = tuple(QUANTIZED.values())
-
-
-class DropoutLeft(AssertionError):
-    """A dropout survived ``prepare`` (its own type, so that an xfail can name it)."""
 
 
 def _params() -> list:
@@ -66,25 +60,6 @@ def _forward(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
         return _tensors(model(x))
 
 
-@contextmanager
-def _quantizers_bypassed(qmodel: nn.Module) -> Iterator[None]:
-    """Every quantizer of ``qmodel`` (of weights, activations, functional layers' weights)
-    replaced by ``nn.Identity``."""
-    saved = [
-        (parent, name, child)
-        for parent in qmodel.modules()
-        for name, child in parent.named_children()
-        if isinstance(child, Quantizer)
-    ]
-    for parent, name, _ in saved:
-        setattr(parent, name, nn.Identity())
-    try:
-        yield
-    finally:
-        for parent, name, child in saved:
-            setattr(parent, name, child)
-
-
 def _is_fx(qmodel: nn.Module) -> bool:
     return qmodel.qseg_report.capture.startswith(FX)
 
@@ -114,12 +89,10 @@ def check_capture(entry: Entry, qmodel: nn.Module) -> None:
 
 def check_no_dropout(qmodel: nn.Module) -> None:
     left = [name for name, m in qmodel.named_modules() if isinstance(m, g.DROPOUT_MODULES)]
-    if left:
-        raise DropoutLeft(f"dropout modules left: {left}")
+    assert not left, f"dropout modules left: {left}"
     if isinstance(qmodel, fx.GraphModule):
         nodes = [n.name for n in qmodel.graph.nodes if g.is_dropout(qmodel, n)]
-        if nodes:
-            raise DropoutLeft(f"dropout nodes left: {nodes}")
+        assert not nodes, f"dropout nodes left: {nodes}"
 
 
 MODULE_OPS = {t.__name__ for t in FLOAT_TYPES}
@@ -221,7 +194,7 @@ def check_only_quantizers_changed(model: nn.Module, qmodel: nn.Module, x: torch.
     """With its quantizers bypassed the prepared model computes the eager model's function;
     with them, every quantizer runs in the forward pass, and two eval passes agree."""
     expected = _forward(model, x)
-    with _quantizers_bypassed(qmodel):
+    with quantizers_bypassed(qmodel):
         bypassed = _forward(qmodel, x)
     assert len(bypassed) == len(expected)
     for e, b in zip(expected, bypassed, strict=True):
