@@ -6,9 +6,13 @@ default), the same number of threads everywhere (2 by default). The variants:
 1. PyTorch eager, float (``torch.set_num_threads``, ``torch.inference_mode``);
 2. OpenVINO FP32 IR of the float model (``qseg.export_onnx`` of the float model,
    then ``openvino_from_onnx``, which saves with ``compress_to_fp16=False``);
-3. qseg IR, the default recipe Qa6.0/Qw0.4 (int8 weight storage);
+3. qseg IR, the default recipe Qa6.0/Qw0.4 (int8 weight storage), and for
+   comparison OpenVINO's plain conversion of the same QDQ ONNX (without
+   ``qseg.exporters.openvino_form``: the integer Clip between Q and DQ stays);
 4. qseg IR, 8-bit recipes: Qa8.0/Qw0.7 (2 x 255 x 127 exceeds the int16 pair bound
-   of AVX2 kernels without VNNI: ``qseg.convert`` warns) and Qa7.0/Qw0.7 (within it);
+   of AVX2 kernels without VNNI: ``qseg.convert`` warns) and Qa7.0/Qw0.7 (within it),
+   and Qa6.0/Qw0.4 with the first and last layers quantized too (NNCF's policy; it
+   quantizes the input image to integers, so it is a latency comparison only);
 5. qseg IR with INT4 weight storage (Qa6.0/Qw0.3, ``weights="int4"``; qseg puts an
    explicit ``Convert(i4 -> i8)`` after each INT4 weight so the plugin runs int8
    kernels), and for comparison OpenVINO's plain conversion of the same ONNX;
@@ -42,7 +46,7 @@ excluded) and their ratio to float32. Then parity of each qseg export against th
 converted PyTorch model in both runtimes (``check_parity``'s max |diff| and verdict,
 plus the share of outputs within one activation step and the difference between
 the two runtimes), the goals with PASS/MISS, a per-node OpenVINO profile of the
-FP32, qseg and NNCF IRs (where the time goes), and how OpenVINO executes
+FP32, qseg (both conversions) and NNCF IRs (where the time goes), and how OpenVINO executes
 INT4-stored weights (qseg's IR, OpenVINO's plain conversion, the ONNX read
 directly, and under ``INFERENCE_PRECISION_HINT`` values).
 
@@ -166,10 +170,14 @@ def populate_batchnorm(model: nn.Module, size: int, seed: int) -> None:
     model.eval()
 
 
-def recipe(act_bits: int, weight_frac_bits: int) -> dict:
-    """The default recipe with unsigned Q<act_bits>.0 activations and Q0.<frac> weights."""
+def recipe(act_bits: int, weight_frac_bits: int, every_layer: bool = False) -> dict:
+    """The default recipe with unsigned Q<act_bits>.0 activations and Q0.<frac> weights;
+    ``every_layer`` quantizes the first and last layers too (NNCF's policy), which puts a
+    signed Q<act_bits>.0 quantizer on the input image: for latency comparisons only."""
     spec = qseg.recipes.load("unet-qa6.0-qw0.4").to_dict()
-    spec["name"] = f"unet-qa{act_bits}.0-qw0.{weight_frac_bits}"
+    spec["name"] = f"unet-qa{act_bits}.0-qw0.{weight_frac_bits}" + ("-every-layer" if every_layer else "")
+    if every_layer:
+        spec["keep_float"] = {"first": False, "last": False}
     spec["weights"] = {"kind": "fixed_point", "int_bits": 0, "frac_bits": weight_frac_bits}
     spec["activations"] = {"kind": "fixed_point", "int_bits": act_bits, "frac_bits": 0, "signed": False}
     return spec
@@ -205,8 +213,9 @@ def export_qseg(
 
 
 def plain_openvino_ir(onnx_path: Path, xml_out: Path) -> Path:
-    """OpenVINO's own conversion of an ONNX file, without the ``Convert(i4 -> i8)`` that
-    ``qseg.exporters.openvino_from_onnx`` adds after INT4 weights (for comparison)."""
+    """OpenVINO's own conversion of an ONNX file, without what
+    ``qseg.exporters.openvino_from_onnx`` adds (the ``Convert(i4 -> i8)`` after INT4
+    weights and ``openvino_form``), for comparison."""
     import openvino as ov
 
     ov.save_model(ov.convert_model(str(onnx_path)), str(xml_out), compress_to_fp16=False)
@@ -551,9 +560,13 @@ def main() -> None:
         "qa6w4": export_qseg(model, recipe(6, 4), "Qa6.0/Qw0.4", x, out),
         "qa8w7": export_qseg(model, recipe(8, 7), "Qa8.0/Qw0.7", x, out),
         "qa7w7": export_qseg(model, recipe(7, 7), "Qa7.0/Qw0.7", x, out),
+        "every": export_qseg(model, recipe(6, 4, every_layer=True), "Qa6.0/Qw0.4 all int8", x, out),
         "int4": export_qseg(model, recipe(6, 3), "Qa6.0/Qw0.3 INT4", x, out, weights="int4"),
     }
     plain_int4_xml = plain_openvino_ir(exports["int4"].onnx_path, out / "unet-qa6.0-qw0.3-int4-plain.xml")
+    unfused_xml = openvino_from_onnx(
+        exports["qa6w4"].onnx_path, out / "unet-qa6.0-qw0.4-unfused.xml", fuse_quantizers=False
+    )
     nncf_xml = nncf_int8_ir(float_xml, args.size, out)
     print(f"# models built and exported in {time.perf_counter() - started:.0f} s")
 
@@ -581,8 +594,10 @@ def main() -> None:
         Variant("PyTorch eager FP32", "torch", torch_runner(model, x), weight_bytes=fp32_weight_bytes),
         ov_variant("OpenVINO FP32 IR", float_xml),
         ov_variant("qseg IR Qa6.0/Qw0.4 (default)", exports["qa6w4"].xml_path),
+        ov_variant("  same ONNX, plain conversion (no openvino_form)", unfused_xml),
         ov_variant("qseg IR Qa8.0/Qw0.7", exports["qa8w7"].xml_path),
         ov_variant("qseg IR Qa7.0/Qw0.7", exports["qa7w7"].xml_path),
+        ov_variant("qseg IR Qa6.0/Qw0.4, first + last int8 too", exports["every"].xml_path),
         ov_variant("qseg IR Qa6.0/Qw0.3 INT4 weights", exports["int4"].xml_path),
         ov_variant("  same, OpenVINO's plain conversion", plain_int4_xml),
         ov_variant("NNCF int8 IR (defaults)", nncf_xml),
@@ -599,6 +614,9 @@ def main() -> None:
     for e in exports.values():
         print(f"  {e.label:<18} {parity_line(e, x, args.threads)}")
     print(f"  {'INT4 plain IR':<18} {parity_line(exports['int4'], x, args.threads, ir_path=plain_int4_xml)}")
+    print(
+        f"  {'Qa6.0/Qw0.4 plain':<18} {parity_line(exports['qa6w4'], x, args.threads, ir_path=unfused_xml)}"
+    )
     for e in exports.values():
         kinds = Counter(w.split(": ", 1)[-1] for w in e.convert_warnings)
         for message, n in kinds.items():
@@ -621,6 +639,12 @@ def main() -> None:
         f"qseg / NNCF = {vs_nncf:.3f} (medians {qseg_v.median_ms:.1f} vs {nncf_v.median_ms:.1f} ms, "
         f"min {qseg_v.min_ms:.1f} vs {nncf_v.min_ms:.1f} ms; Qa8.0/Qw0.7: {q8_v.ratio(nncf_v):.3f})"
     )
+    every = by_name["qseg IR Qa6.0/Qw0.4, first + last int8 too"]
+    unfused = by_name["  same ONNX, plain conversion (no openvino_form)"]
+    print(
+        f"        same policy as NNCF (all 15 convs int8): qseg / NNCF = {every.ratio(nncf_v):.3f}; "
+        f"the default before openvino_form: {unfused.ratio(nncf_v):.3f}"
+    )
     speedup = 1 / qseg_v.ratio(fp32)
     print(
         f"  {verdict(speedup >= GOAL_SPEEDUP)}  qseg int8 IR >= {GOAL_SPEEDUP}x faster than FP32 IR: "
@@ -641,6 +665,7 @@ def main() -> None:
     profiled = (
         ("OpenVINO FP32 IR", float_xml),
         ("qseg IR Qa6.0/Qw0.4 (default)", exports["qa6w4"].xml_path),
+        ("qseg IR, plain conversion", unfused_xml),
         ("NNCF int8 IR (defaults)", nncf_xml),
     )
     for name, xml in profiled:

@@ -1,8 +1,17 @@
 """qseg: quantization-aware training and deployment for PyTorch segmentation models."""
 
-from qseg import errors, quantizers, recipes
+from qseg import active, errors, inq, quantizers, recipes
 from qseg.convert import convert
-from qseg.errors import ExportError, ModelError, QsegError, QuantizerError, RecipeError, TraceError
+from qseg.errors import (
+    AnnotationError,
+    DataError,
+    ExportError,
+    ModelError,
+    QsegError,
+    QuantizerError,
+    RecipeError,
+    TraceError,
+)
 from qseg.exporters import export_onnx, export_openvino
 from qseg.prepare import prepare
 from qseg.recipes import Recipe
@@ -10,6 +19,8 @@ from qseg.recipes import Recipe
 __version__ = "0.1.0"
 
 __all__ = [
+    "AnnotationError",
+    "DataError",
     "ExportError",
     "ModelError",
     "QsegError",
@@ -18,10 +29,12 @@ __all__ = [
     "RecipeError",
     "TraceError",
     "__version__",
+    "active",
     "convert",
     "errors",
     "export_onnx",
     "export_openvino",
+    "inq",
     "prepare",
     "quantizers",
     "recipes",

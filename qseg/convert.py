@@ -14,12 +14,18 @@ reproduce:
 - a layer with a non-uniform grid (INQ) keeps float weights that lie exactly on
   the grid, and its BatchNorm stays a separate op;
 - float layers (first/last) are left as they are.
+
+Models prepared on the fallback path (an eager copy with swapped modules and
+hooks, ``qseg/swap.py``) get the same changes by module swap; the graph facts
+(which BatchNorm follows which conv, which input lies on which grid) come from
+``torch.export`` of a float twin of the model on example inputs.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -209,7 +215,66 @@ def _params(module: nn.Module) -> dict:
     }
 
 
-def convert(qmodel: nn.Module) -> fx.GraphModule:
+def _freeze_layer(
+    name: str,
+    module: nn.Module,
+    bn: nn.Module | None,
+    in_grid: tuple[float, int, int] | None,
+    report: ConvertReport,
+) -> nn.Module:
+    """The frozen form of the quantized layer ``module`` (BatchNorm ``bn`` folded in,
+    an integer conv when ``in_grid`` is set), recorded in ``report``."""
+    weight = module.weight.detach()
+    q = module.weight_quant(weight)
+    if not torch.isfinite(q).all() or (module.bias is not None and not torch.isfinite(module.bias).all()):
+        raise ExportError(f"layer {name}: its weights or bias hold non-finite values; it cannot be exported")
+    spec = module.weight_quant.spec(weight)
+    if spec is None:
+        plain = copy.deepcopy(module)
+        plain.__class__ = next(c for c in QUANTIZED if QUANTIZED[c] is type(module))
+        del plain.weight_quant
+        plain.weight = nn.Parameter(q.clone(), requires_grad=False)
+        report.grid_layers.append(name)
+        return plain
+    kind = _layer_kind(module)
+    out_axis = 1 if kind == "conv_transpose" else 0
+    out_channels = weight.shape[out_axis]
+    codes = spec.codes(q)
+    if spec.axis is None:
+        w_scale = spec.scale.to(torch.float64).expand(out_channels).clone()
+    elif spec.axis == out_axis:
+        w_scale = spec.scale.to(torch.float64)
+    else:
+        raise ExportError(
+            f"layer {name}: per-channel scales along axis {spec.axis} are not the output channels"
+        )
+    bias = module.bias.detach().double() if module.bias is not None else torch.zeros(out_channels).double()
+    if bn is not None:
+        k = bn.weight.detach().double() if bn.affine else torch.ones(out_channels).double()
+        k = k / torch.sqrt(bn.running_var.double() + bn.eps)
+        shift = bn.bias.detach().double() if bn.affine else torch.zeros(out_channels).double()
+        w_scale = w_scale * k
+        bias = (bias - bn.running_mean.double()) * k + shift
+    if in_grid is not None and (kind != "conv" or not _is_power_of_two(in_grid[0])):
+        in_grid = None
+    frozen = FrozenLayer(kind, codes, w_scale.float(), bias.float(), _params(module), in_grid)
+    if in_grid is None:
+        report.float_input_layers.append(name)
+        return frozen
+    report.integer_layers.append(name)
+    max_act = max(abs(in_grid[1]), abs(in_grid[2]))
+    max_w = int(codes.abs().max())
+    fan_in = codes[0].numel()
+    if 2 * max_act * max_w > INT16_PAIR_LIMIT:
+        report.warnings.append(
+            f"{name}: 2 x {max_act} x {max_w} exceeds 32767; AVX2 int8 kernels without VNNI may saturate"
+        )
+    if max_act * max_w * fan_in >= EXACT_ACCUMULATOR:
+        report.warnings.append(f"{name}: the accumulator may exceed 2^24; float32 parity is not exact")
+    return frozen
+
+
+def convert(qmodel: nn.Module, example_inputs: torch.Tensor | tuple | None = None) -> nn.Module:
     """An inference copy of a prepared model: eval mode, BatchNorm folded where it
     follows a quantized conv, weights frozen to integer codes, activation
     quantizers frozen; ``converted.qseg_convert`` says which layers became
@@ -217,9 +282,16 @@ def convert(qmodel: nn.Module) -> fx.GraphModule:
     float rounding of the fold (an activation exactly at a rounding tie can move
     by one step).
 
+    A model prepared through torch.fx converts to a ``torch.fx.GraphModule``. A
+    model prepared on the fallback (torch.export + module swap, for models FX
+    cannot capture) converts to a copy of the eager model with the same changes
+    made by module swap; its graph is read again with ``torch.export``, so it
+    needs ``example_inputs`` (the ones given to ``prepare`` will do).
+
     Raises:
-        ExportError: the model was not prepared through torch.fx, or a layer has
-            non-finite weights (the message names the layer).
+        ExportError: the model was not returned by ``qseg.prepare``, a fallback
+            model came without ``example_inputs`` or cannot be exported on them,
+            or a layer has non-finite weights (the message names the layer).
 
     Example:
         >>> import torch, qseg
@@ -228,16 +300,21 @@ def convert(qmodel: nn.Module) -> fx.GraphModule:
         >>> len(qseg.convert(q).qseg_convert.integer_layers)
         13
     """
-    if not isinstance(qmodel, fx.GraphModule) or not hasattr(qmodel, "qseg_report"):
+    if not hasattr(qmodel, "qseg_report"):
+        raise ExportError(f"convert takes a model returned by qseg.prepare; got {type(qmodel).__name__}")
+    if isinstance(qmodel, fx.GraphModule):
+        return _convert_fx(qmodel)
+    if example_inputs is None:
         raise ExportError(
-            "convert takes a model returned by qseg.prepare through torch.fx; "
-            f"got {type(qmodel).__name__}"
-            + (
-                " (prepared on the torch.export + module swap fallback, which convert does not support yet)"
-                if hasattr(qmodel, "qseg_report")
-                else ""
-            )
+            f"{type(qmodel).__name__} was prepared on the torch.export + module swap fallback "
+            "(qmodel.qseg_report.capture says why), which keeps no graph: convert reads it again "
+            "with torch.export, so pass the inputs: qseg.convert(qmodel, example_inputs=x)"
         )
+    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    return _convert_fallback(qmodel, inputs)
+
+
+def _convert_fx(qmodel: fx.GraphModule) -> fx.GraphModule:
     gm = copy.deepcopy(qmodel).eval()
     report = ConvertReport()
     grids: dict[str, tuple[float, int, int]] = {}
@@ -252,69 +329,15 @@ def convert(qmodel: nn.Module) -> fx.GraphModule:
         module = g.module_of(gm, node)
         if type(module) not in QUANTIZED.values():
             continue
-        name = str(node.target)
-        weight = module.weight.detach()
-        q = module.weight_quant(weight)
-        if not torch.isfinite(q).all() or (module.bias is not None and not torch.isfinite(module.bias).all()):
-            raise ExportError(
-                f"layer {name}: its weights or bias hold non-finite values; it cannot be exported"
-            )
-        spec = module.weight_quant.spec(weight)
-        float_cls = next(c for c in QUANTIZED if QUANTIZED[c] is type(module))
-        if spec is None:
-            plain = copy.deepcopy(module)
-            plain.__class__ = float_cls
-            del plain.weight_quant
-            plain.weight = nn.Parameter(q.clone(), requires_grad=False)
-            gm.add_submodule(node.target, plain)
-            report.grid_layers.append(name)
-            continue
-        kind = _layer_kind(module)
-        out_axis = 1 if kind == "conv_transpose" else 0
-        out_channels = weight.shape[out_axis]
-        codes = spec.codes(q)
-        if spec.axis is None:
-            w_scale = spec.scale.to(torch.float64).expand(out_channels).clone()
-        elif spec.axis == out_axis:
-            w_scale = spec.scale.to(torch.float64)
-        else:
-            raise ExportError(
-                f"layer {name}: per-channel scales along axis {spec.axis} are not the output channels"
-            )
-        bias = (
-            module.bias.detach().double() if module.bias is not None else torch.zeros(out_channels).double()
-        )
-        fold = _fold_target(gm, node) if kind != "linear" else None
-        if fold is not None:
-            bn_node, bn = fold
-            k = bn.weight.detach().double() if bn.affine else torch.ones(out_channels).double()
-            k = k / torch.sqrt(bn.running_var.double() + bn.eps)
-            shift = bn.bias.detach().double() if bn.affine else torch.zeros(out_channels).double()
-            w_scale = w_scale * k
-            bias = (bias - bn.running_mean.double()) * k + shift
+        fold = _fold_target(gm, node) if _layer_kind(module) != "linear" else None
+        in_grid = g.grid_of(gm, node.args[0], grids) if node.args else None
+        frozen = _freeze_layer(str(node.target), module, fold[1] if fold else None, in_grid, report)
+        gm.add_submodule(node.target, frozen)
+        if fold is not None and isinstance(frozen, FrozenLayer):
+            bn_node = fold[0]
             bn_node.replace_all_uses_with(node)
             gm.graph.erase_node(bn_node)
             report.folded_norms.append(str(bn_node.target))
-        in_grid = None
-        if kind == "conv":
-            grid = g.grid_of(gm, node.args[0], grids)
-            if grid is not None and _is_power_of_two(grid[0]):
-                in_grid = grid
-        frozen = FrozenLayer(kind, codes, w_scale.float(), bias.float(), _params(module), in_grid)
-        gm.add_submodule(node.target, frozen)
-        if in_grid is None:
-            report.float_input_layers.append(name)
-            continue
-        report.integer_layers.append(name)
-        max_act = max(abs(in_grid[1]), abs(in_grid[2]))
-        max_w = int(codes.abs().max())
-        fan_in = codes[0].numel()
-        if 2 * max_act * max_w > INT16_PAIR_LIMIT:
-            report.warnings.append(
-                f"{name}: 2 x {max_act} x {max_w} exceeds 32767; AVX2 int8 kernels without VNNI may saturate"
-            )
-        if max_act * max_w * fan_in >= EXACT_ACCUMULATOR:
-            report.warnings.append(f"{name}: the accumulator may exceed 2^24; float32 parity is not exact")
     for node in list(gm.graph.nodes):
         if g.is_relu(gm, node) and node.args and isinstance(node.args[0], fx.Node):
             source = node.args[0]
@@ -328,3 +351,102 @@ def convert(qmodel: nn.Module) -> fx.GraphModule:
     gm.recompile()
     gm.qseg_convert = report
     return gm
+
+
+# ---- the fallback: an eager model changed by module swap and hooks (qseg/swap.py) ------------
+
+_QUANTIZER_CHILDREN = ("act_quant", "input_quant")
+_HOOK_DICTS = (
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+)
+
+
+def _float_twin(model: nn.Module) -> nn.Module:
+    """A copy of a fallback-prepared model that computes the float model: quantized
+    layers back to their torch.nn class, every activation quantizer an identity (its
+    hook stays and returns its input). ``torch.export`` then shows each layer as one call."""
+    twin = copy.deepcopy(model)
+    for module in list(twin.modules()):
+        if type(module) in QUANTIZED.values():
+            module.__class__ = next(c for c in QUANTIZED if QUANTIZED[c] is type(module))
+            del module.weight_quant
+        for child in _QUANTIZER_CHILDREN:
+            if isinstance(module._modules.get(child), ActQuant):
+                module.add_module(child, nn.Identity())
+    return twin
+
+
+def _swap(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
+    """Put ``new`` wherever ``model`` holds ``old`` (under every name), with ``old``'s
+    hooks and activation quantizers, which the fallback attached to the module."""
+    for attr in _HOOK_DICTS:
+        setattr(new, attr, getattr(old, attr))
+    for child in _QUANTIZER_CHILDREN:
+        if child in old._modules and child not in new._modules:
+            new.add_module(child, old._modules[child])
+    names = [name for name, m in model.named_modules(remove_duplicate=False) if m is old]
+    for name in names:
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent), attr, new)
+
+
+def _convert_fallback(qmodel: nn.Module, inputs: tuple) -> nn.Module:
+    model = copy.deepcopy(qmodel).eval()
+    try:
+        graph = g.export_module_graph(_float_twin(model), inputs)
+    except Exception as exc:
+        raise ExportError(
+            f"torch.export could not read {type(qmodel).__name__} on the example inputs again: "
+            f"{type(exc).__name__}: {g.first_line(exc)}"
+        ) from exc
+    calls = Counter(str(n.target) for n in graph.graph.nodes if n.op == "call_module")
+    report = ConvertReport()
+    for module in list(model.modules()):
+        for child in _QUANTIZER_CHILDREN:
+            quantizer = module._modules.get(child)
+            frozen = _frozen_act(quantizer) if isinstance(quantizer, ActQuant) else None
+            if frozen is not None:
+                module.add_module(child, frozen)
+    # a module's output is on a grid when its forward hook quantizes it
+    grids: dict[str, tuple[float, int, int]] = {}
+    for node in graph.graph.nodes:
+        if node.op == "call_module":
+            quantizer = model.get_submodule(node.target)._modules.get("act_quant")
+            if isinstance(quantizer, FrozenActQuant):
+                grids[node.name] = (quantizer.scale, quantizer.qmin, quantizer.qmax)
+    for node in list(graph.graph.nodes):
+        if node.op != "call_module" or type(model.get_submodule(node.target)) not in QUANTIZED.values():
+            continue
+        name = str(node.target)
+        module = model.get_submodule(name)
+        # a layer called more than once, or whose output is quantized before its
+        # BatchNorm, keeps a float input and its BatchNorm
+        once = calls[name] == 1
+        fold = _fold_target(graph, node) if once and _layer_kind(module) != "linear" else None
+        if fold is not None and (calls[str(fold[0].target)] != 1 or "act_quant" in module._modules):
+            fold = None
+        own = module._modules.get("input_quant")
+        if isinstance(own, FrozenActQuant):
+            in_grid = (own.scale, own.qmin, own.qmax)
+        else:
+            in_grid = g.grid_of(graph, node.args[0], grids) if once and node.args else None
+        bn = model.get_submodule(str(fold[0].target)) if fold is not None else None
+        frozen = _freeze_layer(name, module, bn, in_grid, report)
+        _swap(model, module, frozen)
+        if bn is not None and isinstance(frozen, FrozenLayer):
+            _swap(model, bn, nn.Identity())
+            report.folded_norms.append(str(fold[0].target))
+    for node in graph.graph.nodes:
+        if node.op != "call_module" or not g.is_relu(graph, node) or calls[str(node.target)] != 1:
+            continue
+        relu = model.get_submodule(node.target)
+        grid = grids.get(node.args[0].name) if node.args and isinstance(node.args[0], fx.Node) else None
+        if grid is not None and grid[1] >= 0 and "act_quant" not in relu._modules:
+            _swap(model, relu, nn.Identity())
+            report.removed_relus.append(str(node.target))
+    model.qseg_convert = report
+    return model

@@ -177,6 +177,13 @@ class PaperUNet(nn.Module):
         Args:
             h: input height in pixels.
             w: input width in pixels.
+
+        Example:
+            >>> PaperUNet.check_input_size(352, 552)      # HeLa frames at half size, cropped
+            >>> PaperUNet.check_input_size(350, 550)
+            Traceback (most recent call last):
+            ...
+            qseg.errors.ModelError: PaperUNet needs input height and width divisible by 8 (positive multiples of 8); got height 350 in 350 x 550
         """
         _check_size(cls.__name__, cls.downsampling_factor, h, w)
 
@@ -285,6 +292,13 @@ class TwoHeadFCN(nn.Module):
         Args:
             h: input height in pixels.
             w: input width in pixels.
+
+        Example:
+            >>> TwoHeadFCN.check_input_size(36, 52)
+            >>> TwoHeadFCN.check_input_size(36, 50)
+            Traceback (most recent call last):
+            ...
+            qseg.errors.ModelError: TwoHeadFCN needs input height and width divisible by 4 (positive multiples of 4); got width 50 in 36 x 50
         """
         _check_size(cls.__name__, cls.downsampling_factor, h, w)
 

@@ -41,21 +41,62 @@ class _WeightQuant:
 
 
 class QuantConv1d(_WeightQuant, nn.Conv1d):
-    """``nn.Conv1d`` with a quantized weight."""
+    """``nn.Conv1d`` with a quantized weight.
+
+    Built from a float layer by :func:`quantize_module` (what ``qseg.prepare``
+    does); ``weight`` stays the float latent weight that the optimizer updates.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from qseg.quantizers import FixedPoint
+        >>> conv = quantize_module(nn.Conv1d(1, 1, 2, bias=False), FixedPoint(0, 2))
+        >>> with torch.no_grad():
+        ...     _ = conv.weight.copy_(torch.tensor([[[0.3, -0.9]]]))
+        >>> conv.quantized_weight().tolist()          # Q0.2: step 0.25, saturates at 0.75
+        [[[0.25, -0.75]]]
+        >>> conv(torch.tensor([[[1.0, 2.0, 3.0]]])).tolist()
+        [[[-1.25, -1.75]]]
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(x, self.quantized_weight(), self.bias)
 
 
 class QuantConv2d(_WeightQuant, nn.Conv2d):
-    """``nn.Conv2d`` with a quantized weight."""
+    """``nn.Conv2d`` with a quantized weight.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from qseg.quantizers import FixedPoint
+        >>> _ = torch.manual_seed(0)
+        >>> conv = quantize_module(nn.Conv2d(1, 2, 3), FixedPoint(0, 4))
+        >>> x = torch.randn(1, 1, 8, 8)
+        >>> conv(x).shape
+        torch.Size([1, 2, 6, 6])
+        >>> torch.equal(conv(x), torch.conv2d(x, conv.quantized_weight(), conv.bias))
+        True
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(x, self.quantized_weight(), self.bias)
 
 
 class QuantConv3d(_WeightQuant, nn.Conv3d):
-    """``nn.Conv3d`` with a quantized weight."""
+    """``nn.Conv3d`` with a quantized weight.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from qseg.quantizers import Ternary
+        >>> _ = torch.manual_seed(0)
+        >>> conv = quantize_module(nn.Conv3d(1, 2, 2), Ternary(channel_axis=0))
+        >>> conv(torch.randn(1, 1, 4, 4, 4)).shape
+        torch.Size([1, 2, 3, 3, 3])
+        >>> [len(f.unique()) for f in conv.quantized_weight()]   # {-alpha, 0, alpha} per filter
+        [3, 3]
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(x, self.quantized_weight(), self.bias)
@@ -84,28 +125,75 @@ class _QuantConvTranspose(_WeightQuant):
 
 
 class QuantConvTranspose1d(_QuantConvTranspose, nn.ConvTranspose1d):
-    """``nn.ConvTranspose1d`` with a quantized weight."""
+    """``nn.ConvTranspose1d`` with a quantized weight.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from qseg.quantizers import Binary
+        >>> up = quantize_module(nn.ConvTranspose1d(1, 1, 2, bias=False), Binary())
+        >>> with torch.no_grad():
+        ...     _ = up.weight.copy_(torch.tensor([[[0.3, -0.9]]]))
+        >>> up(torch.tensor([[[1.0, 2.0]]])).tolist()   # the weight acts as [+1, -1]
+        [[[1.0, 1.0, -2.0]]]
+    """
 
     _dims = 1
     _conv = staticmethod(F.conv_transpose1d)
 
 
 class QuantConvTranspose2d(_QuantConvTranspose, nn.ConvTranspose2d):
-    """``nn.ConvTranspose2d`` with a quantized weight."""
+    """``nn.ConvTranspose2d`` with a quantized weight.
+
+    Like the float layer, ``forward`` accepts ``output_size`` to pick among the
+    output sizes a strided transposed convolution can produce.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from qseg.quantizers import FixedPoint
+        >>> up = quantize_module(nn.ConvTranspose2d(4, 2, 2, stride=2), FixedPoint(0, 4))
+        >>> x = torch.randn(1, 4, 4, 4)
+        >>> up(x).shape, up(x, output_size=[9, 9]).shape
+        (torch.Size([1, 2, 8, 8]), torch.Size([1, 2, 9, 9]))
+    """
 
     _dims = 2
     _conv = staticmethod(F.conv_transpose2d)
 
 
 class QuantConvTranspose3d(_QuantConvTranspose, nn.ConvTranspose3d):
-    """``nn.ConvTranspose3d`` with a quantized weight."""
+    """``nn.ConvTranspose3d`` with a quantized weight.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from qseg.quantizers import DoReFa
+        >>> _ = torch.manual_seed(0)
+        >>> up = quantize_module(nn.ConvTranspose3d(2, 1, 2, stride=2), DoReFa(2))
+        >>> up(torch.randn(1, 2, 3, 3, 3)).shape
+        torch.Size([1, 1, 6, 6, 6])
+        >>> [round(v, 4) for v in up.quantized_weight().unique().tolist()]   # 2-bit DoReFa levels
+        [-1.0, -0.3333, 0.3333, 1.0]
+    """
 
     _dims = 3
     _conv = staticmethod(F.conv_transpose3d)
 
 
 class QuantLinear(_WeightQuant, nn.Linear):
-    """``nn.Linear`` with a quantized weight."""
+    """``nn.Linear`` with a quantized weight.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from qseg.quantizers import FixedPoint
+        >>> fc = quantize_module(nn.Linear(2, 1, bias=False), FixedPoint(0, 2))
+        >>> with torch.no_grad():
+        ...     _ = fc.weight.copy_(torch.tensor([[0.3, -0.9]]))
+        >>> fc(torch.tensor([[1.0, 1.0]])).tolist()   # 0.25 - 0.75
+        [[-0.5]]
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.quantized_weight(), self.bias)
@@ -153,6 +241,15 @@ class ActQuant(nn.Module):
 
     ``rule`` records why it stands where it does (shown in the report and used
     by the exporters), e.g. ``"after BatchNorm"``.
+
+    Example:
+        >>> import torch
+        >>> from qseg.quantizers import FixedPoint
+        >>> act = ActQuant(FixedPoint(6, 0, signed=False), rule="after BatchNorm")   # paper A's Qa6.0
+        >>> act(torch.tensor([-1.0, 2.4, 70.0]))
+        tensor([ 0.,  2., 63.])
+        >>> act.signed, act.rule
+        (False, 'after BatchNorm')
     """
 
     def __init__(self, quantizer: Quantizer, rule: str = "") -> None:
@@ -180,6 +277,26 @@ def _skip_missing_quantizer_state(module: nn.Module, incompatible: object) -> No
 def allow_float_checkpoints(model: nn.Module) -> None:
     """Let ``model.load_state_dict(float_state, strict=True)`` accept a checkpoint of
     the float model: the quantizers' own state (e.g. INQ bounds) may be missing
-    from it and keeps its current value. Unexpected keys still fail."""
+    from it and keeps its current value. Unexpected keys still fail.
+
+    ``qseg.prepare`` calls it on the model it returns; call it yourself on a model
+    built with :func:`quantize_module`.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from qseg.quantizers import PowerOfTwo
+        >>> float_model = nn.Sequential(nn.Linear(2, 2))
+        >>> qmodel = nn.Sequential(quantize_module(nn.Linear(2, 2), PowerOfTwo(bits=5)))
+        >>> qmodel.load_state_dict(float_model.state_dict())  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        RuntimeError: Error(s) in loading state_dict for Sequential:...
+        >>> allow_float_checkpoints(qmodel)
+        >>> qmodel.load_state_dict(float_model.state_dict())
+        <All keys matched successfully>
+        >>> torch.equal(qmodel[0].weight, float_model[0].weight)
+        True
+    """
     # a module-level function, so that a model holding the hook still pickles
     model.register_load_state_dict_post_hook(_skip_missing_quantizer_state)

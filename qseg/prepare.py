@@ -11,7 +11,14 @@ from torch import fx, nn
 from qseg import graph as g
 from qseg.errors import TraceError
 from qseg.nn import allow_float_checkpoints
-from qseg.passes import dropout_names, insert_act_quant, quantize_weights, strip_dropout
+from qseg.passes import (
+    dropout_names,
+    insert_act_quant,
+    plan_rescale,
+    quantize_weights,
+    rescale,
+    strip_dropout,
+)
 from qseg.policy import Plan, plan
 from qseg.recipes import DEFAULT, Recipe, RecipeLike, load
 from qseg.report import ActRow, LayerRow, QsegReport
@@ -45,7 +52,10 @@ def prepare(
     compute something else). Then dropout is stripped, weights of conv /
     transposed conv / linear layers get their quantizers (first and last layers
     stay float by default), activation quantizers are placed after each
-    BatchNorm, and ``qseg_report`` is attached: print it before training.
+    BatchNorm, and ``qseg_report`` is attached: print it before training. With
+    the recipe's ``rescale`` (on in the fixed-point U-Net recipes), channels are
+    then rescaled so that a pretrained float model starts on the grids, without
+    changing its float function (:func:`qseg.passes.rescale`).
 
     ``model`` is never changed. Parameters keep their names, so a float
     checkpoint loads into the result (``load_state_dict``, strict) and the
@@ -91,7 +101,12 @@ def _prepare_fx(gm: fx.GraphModule, recipe: Recipe) -> fx.GraphModule:
     decisions = plan(gm, recipe)
     gm = quantize_weights(gm, decisions.layers, inplace=True)
     gm = insert_act_quant(gm, decisions.activations, inplace=True)
-    gm.qseg_report = _report(gm, recipe.name, "torch.fx (verified on the example inputs)", decisions, removed)
+    rescaled = ""
+    if recipe.rescale:
+        rescaled = plan_rescale(gm).summary()
+        gm = rescale(gm, inplace=True)
+    how = "torch.fx (verified on the example inputs)"
+    gm.qseg_report = _report(gm, recipe.name, how, decisions, removed, rescaled)
     allow_float_checkpoints(gm)
     return gm
 
@@ -115,7 +130,11 @@ def _prepare_fallback(model: nn.Module, inputs: tuple, recipe: Recipe, fx_failur
         ) from exc
     decisions = apply_plan(model, module_graph, plan(module_graph, recipe))
     how = f"torch.export + module swap (torch.fx failed: {fx_failure})"
-    model.qseg_report = _report(module_graph, recipe.name, how, decisions, removed)
+    # the scale analysis needs the quantizers as graph nodes, which the module swap does not give
+    rescaled = (
+        "not applied: needs the torch.fx capture (this model used the fallback)" if recipe.rescale else ""
+    )
+    model.qseg_report = _report(module_graph, recipe.name, how, decisions, removed, rescaled)
     allow_float_checkpoints(model)
     return model
 
@@ -142,7 +161,7 @@ def _layer_row(gm: fx.GraphModule, decision, inputs: dict[str, str], outputs: di
 
 
 def _report(
-    gm: fx.GraphModule, recipe_name: str, how: str, decisions: Plan, removed: list[str]
+    gm: fx.GraphModule, recipe_name: str, how: str, decisions: Plan, removed: list[str], rescaled: str
 ) -> QsegReport:
     # people read module names (enc1.bn1), not FX node names (enc1_bn1)
     names = {n.name: str(n.target) if n.op == "call_module" else n.name for n in gm.graph.nodes}
@@ -159,4 +178,4 @@ def _report(
             outputs[a.owner] = f"{a.config.label} after {after}"
         acts.append(ActRow(after, a.config.label, a.rule, a.owner, a.note))
     rows = [_layer_row(gm, d, inputs, outputs) for d in decisions.layers]
-    return QsegReport(recipe_name, how, rows, acts, removed, list(decisions.skipped))
+    return QsegReport(recipe_name, how, rows, acts, removed, list(decisions.skipped), rescaled)

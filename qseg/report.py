@@ -18,6 +18,18 @@ class LayerRow:
     ``activation`` the quantizer placed on its output (after its BatchNorm) and
     where; ``bits`` the stored bits per weight (32 in float); ``bytes`` what its
     weights, scales and float32 biases take.
+
+    Example:
+        >>> import torch, qseg
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
+        ...                       nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 1, 1))
+        >>> report = qseg.prepare(model, "unet-qa6.0-qw0.4", example_inputs=torch.randn(1, 1, 8, 8)).qseg_report
+        >>> row = report.layers[1]
+        >>> row.name, row.op, row.weights, row.bits, row.params
+        ('3', 'Conv2d', 'Q0.4', 5, 148)
+        >>> row.bytes          # 144 weights x 5 bits, 4 float32 biases, 1 float32 scale
+        110.0
     """
 
     name: str
@@ -33,7 +45,17 @@ class LayerRow:
 @dataclass(frozen=True)
 class ActRow:
     """One activation quantizer: the node it follows, the quantizer, the rule that
-    placed it, the layer it serves and any adjustment made."""
+    placed it, the layer it serves and any adjustment made.
+
+    Example:
+        >>> import torch, qseg
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
+        ...                       nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 1, 1))
+        >>> report = qseg.prepare(model, "unet-qa6.0-qw0.4", example_inputs=torch.randn(1, 1, 8, 8)).qseg_report
+        >>> report.activations[1]
+        ActRow(after='4', quantizer='Q6.0 unsigned', rule='after BatchNorm', owner='3', note='')
+    """
 
     after: str
     quantizer: str
@@ -45,7 +67,24 @@ class ActRow:
 @dataclass
 class QsegReport:
     """What ``qseg.prepare`` did to a model, for people (``print(report)``) and
-    programs (:meth:`to_dict`)."""
+    programs (:meth:`to_dict`).
+
+    Example:
+        >>> import torch, qseg
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
+        ...                       nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 1, 1))
+        >>> report = qseg.prepare(model, "unet-qa6.0-qw0.4", example_inputs=torch.randn(1, 1, 8, 8)).qseg_report
+        >>> print(report)  # doctest: +ELLIPSIS
+        qseg report: recipe 'unet-qa6.0-qw0.4', captured with torch.fx (verified on the example inputs)
+        layer  op      weights             input quantizer  output quantizer       params  bits
+        -----  ------  ------------------  ---------------  ---------------------  ------  ----
+        0      Conv2d  float: first layer  -                Q6.0 unsigned after 1      40    32
+        3      Conv2d  Q0.4                -                Q6.0 unsigned after 4     148     5
+        6      Conv2d  float: last layer   -                -                           5    32
+        1 of 3 weighted layers quantized; weights 0.001 MB float32 -> 0.000 MB (0.376x; biases and scales in float32)
+        rescale: weights of 1 layer fitted to their grid per output channel; 1 BatchNorm output scaled by B = 15.16 ...
+    """
 
     recipe: str
     capture: str
@@ -53,6 +92,8 @@ class QsegReport:
     activations: list[ActRow]
     dropout_removed: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # what the recipe's `rescale` did, or why not; empty when the recipe did not ask
+    rescale: str = ""
 
     @property
     def float_bytes(self) -> int:
@@ -66,9 +107,25 @@ class QsegReport:
 
     @property
     def quantized_layers(self) -> list[str]:
+        """Names of the layers whose weights are quantized, in report order."""
         return [row.name for row in self.layers if not row.weights.startswith("float")]
 
     def to_dict(self) -> dict:
+        """The report as plain lists, dicts, strings and numbers (e.g. for ``json.dumps``),
+        with the totals ``float_bytes`` and ``quantized_bytes`` added.
+
+        Example:
+            >>> import torch, qseg
+            >>> from torch import nn
+            >>> model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
+            ...                       nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 1, 1))
+            >>> report = qseg.prepare(model, "unet-qa6.0-qw0.4", example_inputs=torch.randn(1, 1, 8, 8)).qseg_report
+            >>> d = report.to_dict()
+            >>> [row["name"] for row in d["layers"]], d["float_bytes"], d["quantized_bytes"]
+            (['0', '3', '6'], 772, 290.0)
+            >>> d["activations"][0]["rule"]
+            'after BatchNorm'
+        """
         out = asdict(self)
         out["float_bytes"] = self.float_bytes
         out["quantized_bytes"] = self.quantized_bytes
@@ -107,6 +164,8 @@ class QsegReport:
             out.extend(f"  after {a.after}: {a.note}" for a in adjusted)
         if self.dropout_removed:
             out.append(f"dropout removed: {', '.join(self.dropout_removed)}")
+        if self.rescale:
+            out.append(f"rescale: {self.rescale}")
         if self.notes:
             out.append("notes:")
             out.extend(f"  {n}" for n in self.notes)

@@ -60,7 +60,10 @@ def apply_plan(model: nn.Module, graph_module: fx.GraphModule, plan: Plan) -> Pl
             )
             d = replace(d, weights=None, reason="functional call (fallback path)")
         elif d.weights is not None:
-            quantize_module(model.get_submodule(d.layer.name), d.weights.build())
+            module = model.get_submodule(d.layer.name)
+            # a module called more than once appears once per call; it has one weight
+            if not hasattr(module, "weight_quant"):
+                quantize_module(module, d.weights.build())
         applied.layers.append(d)
     nodes = {n.name: n for n in graph_module.graph.nodes}
     quantized = {d.layer.node for d in applied.layers if d.weights is not None}

@@ -2,7 +2,7 @@
 and the parity checks that prove they reproduce the PyTorch model."""
 
 from qseg.exporters.onnx import export_onnx
-from qseg.exporters.openvino import export_openvino, openvino_from_onnx, runtime_precisions
+from qseg.exporters.openvino import export_openvino, openvino_form, openvino_from_onnx, runtime_precisions
 from qseg.exporters.parity import ParityResult, check_parity
 
 __all__ = [
@@ -10,6 +10,7 @@ __all__ = [
     "check_parity",
     "export_onnx",
     "export_openvino",
+    "openvino_form",
     "openvino_from_onnx",
     "runtime_precisions",
 ]

@@ -50,8 +50,16 @@ def _translations() -> dict:
         dtype = _int_type(qmin, qmax).numpy()
         s = constant(scale, np.float32)
         zero = constant(0, dtype)
+        info = np.iinfo(dtype)
+        if info.bits > 8 and (qmin, qmax) != (info.min, info.max):
+            # onnxruntime has no integer Clip for 16-bit types; clamping the float input to
+            # the grid's ends first rounds to the same codes (the ends are multiples of s)
+            x = op.Clip(x, constant(qmin * scale, np.float32), constant(qmax * scale, np.float32))
         q = op.QuantizeLinear(x, s, zero)
-        q = op.Clip(q, constant(qmin, dtype), constant(qmax, dtype))
+        if info.bits == 8 and (qmin, qmax) != (info.min, info.max):
+            # an integer Clip between Q and DQ keeps onnxruntime's QLinearConv fusion; QuantizeLinear
+            # itself saturates at the type's ends, so a full-range grid needs none
+            q = op.Clip(q, constant(qmin, dtype), constant(qmax, dtype))
         return op.DequantizeLinear(q, s, zero)
 
     def fake_quant(x, scale: float, qmin: int, qmax: int):

@@ -7,6 +7,7 @@ from collections.abc import Iterable
 
 from torch import fx
 
+from qseg.errors import RecipeError
 from qseg.graph import free_attr_name
 from qseg.nn import quantize_module
 from qseg.policy import LayerDecision
@@ -28,12 +29,28 @@ def quantize_weights(
     if not inplace:
         gm = copy.deepcopy(gm)
     nodes = {n.name: n for n in gm.graph.nodes}
+    decisions = list(decisions)
+    # a module called more than once (weight sharing) has one weight: every call must agree
+    per_module: dict[str, object] = {}
+    for d in decisions:
+        if d.layer.functional:
+            continue
+        if d.layer.name in per_module and per_module[d.layer.name] != d.weights:
+            raise RecipeError(
+                f"layer {d.layer.name!r} is called more than once and the policy quantizes its "
+                f"weight differently per call ({per_module[d.layer.name]} vs {d.weights}), e.g. "
+                "because one call is the first or last layer; add an override for it"
+            )
+        per_module[d.layer.name] = d.weights
+    done: set[str] = set()
     for d in decisions:
         if d.weights is None:
             continue
         layer = d.layer
         if not layer.functional:
-            quantize_module(gm.get_submodule(layer.name), d.weights.build())
+            if layer.name not in done:
+                quantize_module(gm.get_submodule(layer.name), d.weights.build())
+                done.add(layer.name)
             continue
         call = nodes[layer.node]
         weight = call.args[1] if len(call.args) > 1 else call.kwargs["weight"]

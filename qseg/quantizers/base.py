@@ -28,6 +28,15 @@ class QuantSpec:
     a data-dependent scale that comes out 0 (an all-zero tensor or slice, whose
     values are all 0) is stored as 1 with codes 0. This is what the exporters turn
     into ONNX QuantizeLinear/DequantizeLinear pairs.
+
+    Example:
+        >>> import torch
+        >>> spec = QuantSpec(scale=torch.tensor([0.5, 0.25]), zero_point=0, qmin=-3, qmax=3, axis=0)
+        >>> y = torch.tensor([[1.0, -0.5], [0.25, 0.75]])   # row i on the grid of step scale[i]
+        >>> spec.codes(y).tolist()
+        [[2, -1], [1, 3]]
+        >>> torch.equal(spec.dequantize(spec.codes(y)), y)
+        True
     """
 
     scale: torch.Tensor
@@ -49,12 +58,27 @@ class QuantSpec:
         return scale.reshape(shape)
 
     def codes(self, y: torch.Tensor) -> torch.Tensor:
-        """Integer codes (as an int64 tensor) of a tensor that lies on this grid."""
+        """Integer codes (as an int64 tensor) of a tensor that lies on this grid.
+
+        Example:
+            >>> import torch
+            >>> from qseg.quantizers import FixedPoint
+            >>> q = FixedPoint(0, 2)
+            >>> q.spec().codes(q(torch.tensor([0.3, -0.8, 2.0])))   # step 0.25, codes in [-3, 3]
+            tensor([ 1, -3,  3])
+        """
         scale = self._broadcast_scale(y)
         return torch.round(y.to(scale.dtype) / scale).to(torch.int64) + self.zero_point
 
     def dequantize(self, codes: torch.Tensor) -> torch.Tensor:
-        """Values of integer codes: ``(codes - zero_point) * scale``."""
+        """Values of integer codes: ``(codes - zero_point) * scale``.
+
+        Example:
+            >>> import torch
+            >>> spec = QuantSpec(scale=torch.tensor(0.25), zero_point=0, qmin=-3, qmax=3)
+            >>> spec.dequantize(torch.tensor([1, -3, 3]))
+            tensor([ 0.2500, -0.7500,  0.7500])
+        """
         scale = self._broadcast_scale(codes)
         return (codes - self.zero_point).to(scale.dtype) * scale
 
@@ -73,6 +97,15 @@ class Quantizer(nn.Module):
     dtype. A NaN input gives NaN at that position (quantizers whose grid depends
     on the whole tensor, such as :class:`Ternary`, give NaN everywhere), never a
     silent number.
+
+    Example:
+        >>> import torch
+        >>> from qseg.quantizers import FixedPoint, Ternary
+        >>> x = torch.tensor([0.3, -0.8, 0.05])
+        >>> for q in (FixedPoint(0, 2), Ternary()):
+        ...     print(type(q).__name__, q.bits, q.spec(x).codes(q(x)).tolist())
+        FixedPoint 3 [1, -3, 0]
+        Ternary 2 [1, -1, 0]
     """
 
     @property
@@ -85,6 +118,16 @@ class Quantizer(nn.Module):
 
         ``x`` is the tensor that will be quantized: quantizers whose grid depends
         on the data (ternary scale, DoReFa) need it; the others ignore it.
+
+        Example:
+            >>> import torch
+            >>> from qseg.quantizers import Ternary
+            >>> q, w = Ternary(), torch.tensor([0.9, -0.6, 0.1, -0.05])
+            >>> spec = q.spec(w)                  # alpha = mean(|w| : |w| > 0.7 E|w|)
+            >>> spec.scale, spec.qmin, spec.qmax
+            (tensor(0.7500), -1, 1)
+            >>> torch.equal(spec.dequantize(spec.codes(q(w))), q(w))
+            True
         """
         raise NotImplementedError
 
@@ -118,6 +161,16 @@ def straight_through(x: torch.Tensor, q: torch.Tensor, mask: torch.Tensor | None
     ``q`` must be computed from ``x`` without autograd. Unlike the common
     ``x + (q - x).detach()``, the forward value is exactly ``q`` (no float
     cancellation, and an infinite ``x`` does not turn into NaN).
+
+    Example:
+        >>> import torch
+        >>> x = torch.tensor([0.4, 1.6, 3.0], requires_grad=True)
+        >>> y = straight_through(x, torch.round(x.detach()), mask=torch.tensor([1.0, 1.0, 0.0]))
+        >>> y.tolist()
+        [0.0, 2.0, 3.0]
+        >>> y.sum().backward()
+        >>> x.grad                            # identity, zeroed where the mask is 0
+        tensor([1., 1., 0.])
     """
     return _StraightThrough.apply(x, q, mask)
 

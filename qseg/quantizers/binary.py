@@ -55,6 +55,16 @@ class Binary(Quantizer):
         return 1
 
     def spec(self, x: torch.Tensor | None = None) -> QuantSpec:
+        """Codes ``{-1, +1}`` with scale 1 (``scale="none"``) or ``E|x|`` (``scale="mean"``,
+        which needs ``x``).
+
+        Example:
+            >>> import torch
+            >>> q, w = Binary(scale="mean"), torch.tensor([0.25, -0.5, 0.75])
+            >>> spec = q.spec(w)
+            >>> spec.scale, spec.codes(q(w)).tolist()
+            (tensor(0.5000), [1, -1, 1])
+        """
         if self.scale == "none":
             scale = torch.tensor(1.0)
         else:

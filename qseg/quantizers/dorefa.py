@@ -48,6 +48,16 @@ class DoReFa(Quantizer):
         return 2**self._bits - 1
 
     def spec(self, x: torch.Tensor | None = None) -> QuantSpec:
+        """Odd codes in ``[-(2^k - 1), 2^k - 1]`` with scale ``1 / (2^k - 1)``; for ``k = 1``
+        the grid of ``Binary(scale="mean")``, which needs ``x``.
+
+        Example:
+            >>> import torch
+            >>> q, w = DoReFa(2), torch.tensor([-1.0, -0.1, 0.1, 1.0])
+            >>> spec = q.spec(w)
+            >>> spec.qmin, spec.qmax, spec.codes(q(w)).tolist()
+            (-3, 3, [-3, -1, 1, 3])
+        """
         if self._binary is not None:
             return self._binary.spec(x)
         dtype = torch.float32 if x is None else compute_dtype(x)

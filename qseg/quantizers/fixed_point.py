@@ -97,6 +97,15 @@ class FixedPoint(Quantizer):
         return self.max_code.bit_length() + int(self.signed)
 
     def spec(self, x: torch.Tensor | None = None) -> QuantSpec:  # noqa: ARG002
+        """Codes in ``[-max_code, max_code]`` (``[0, max_code]`` unsigned) with scale ``2^-f``;
+        ``x`` is not needed.
+
+        Example:
+            >>> FixedPoint(0, 4).spec()
+            QuantSpec(scale=tensor(0.0625), zero_point=0, qmin=-15, qmax=15, axis=None)
+            >>> FixedPoint(6, 0, signed=False).spec().qmin, FixedPoint(6, 0, signed=False).spec().qmax
+            (0, 63)
+        """
         qmin = -self.max_code if self.signed else 0
         return QuantSpec(scale=torch.tensor(self.step), zero_point=0, qmin=qmin, qmax=self.max_code)
 

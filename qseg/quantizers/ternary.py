@@ -59,6 +59,19 @@ class Ternary(Quantizer):
         return delta, alpha.to(x.dtype)
 
     def spec(self, x: torch.Tensor | None = None) -> QuantSpec:
+        """Codes ``{-1, 0, 1}`` with scale ``alpha`` of ``x``: a 0-d tensor, or one entry per
+        slice along ``channel_axis``.
+
+        Example:
+            >>> import torch
+            >>> q = Ternary(channel_axis=0)
+            >>> w = torch.tensor([[0.9, -0.6, 0.1, -0.05], [0.2, 0.2, 0.2, 0.2]])
+            >>> spec = q.spec(w)
+            >>> spec.scale, spec.axis
+            (tensor([0.7500, 0.2000]), 0)
+            >>> spec.codes(q(w)).tolist()
+            [[1, -1, 0, 0], [1, 1, 1, 1]]
+        """
         if x is None:
             raise QuantizerError("Ternary.spec needs the tensor it quantizes")
         with torch.no_grad():
@@ -113,7 +126,17 @@ class TernaryTanh(Quantizer):
         return 2
 
     def anneal(self, progress: float) -> float:
-        """Set ``beta`` for training progress in ``[0, 1]`` (linear from start to end); returns it."""
+        """Set ``beta`` for training progress in ``[0, 1]`` (linear from start to end); returns it.
+
+        Call it once per epoch (or step) with the fraction of training done.
+
+        Example:
+            >>> act = TernaryTanh(beta_start=3.0, beta_end=8.0)
+            >>> act.anneal(0.5)
+            5.5
+            >>> act.beta
+            tensor(5.5000)
+        """
         if not 0.0 <= progress <= 1.0:
             raise QuantizerError(f"progress must be in [0, 1], got {progress!r}")
         beta = self.beta_start + (self.beta_end - self.beta_start) * progress
@@ -121,7 +144,14 @@ class TernaryTanh(Quantizer):
         return beta
 
     def spec(self, x: torch.Tensor | None = None) -> QuantSpec:  # noqa: ARG002
-        """The eval-mode grid ``{-1, 0, 1}``."""
+        """The eval-mode grid ``{-1, 0, 1}`` with scale 1; ``x`` is not needed.
+
+        Example:
+            >>> import torch
+            >>> act = TernaryTanh().eval()
+            >>> act.spec().codes(act(torch.tensor([-0.7, 0.2, 0.9]))).tolist()
+            [-1, 0, 1]
+        """
         return QuantSpec(scale=torch.tensor(1.0), **_TERNARY_CODES)
 
     def _soft(self, x: torch.Tensor) -> torch.Tensor:

@@ -12,12 +12,14 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from qseg.errors import QuantizerError, RecipeError
 from qseg.quantizers import Binary, DoReFa, FixedPoint, PowerOfTwo, Quantizer, Ternary, TernaryTanh
+from qseg.recipes._checks import _check_bool, _check_keys, _check_str, _error
+from qseg.recipes.training import Inq, SuggestiveAnnotation, Training
 
 __all__ = ["INHERIT", "KeepFloat", "Override", "QuantizerConfig", "Recipe"]
 
@@ -40,33 +42,6 @@ KINDS: dict[str, _Kind] = {
     "ternary": _Kind(Ternary, (), ("channel_axis",), False),
     "ternary_tanh": _Kind(TernaryTanh, (), ("beta_start", "beta_end"), True),
 }
-
-
-def _error(path: str, message: str) -> RecipeError:
-    return RecipeError(message, path)
-
-
-def _check_keys(data: Mapping[str, Any], path: str, allowed: Sequence[str], required: Sequence[str] = ()):
-    if not isinstance(data, Mapping):
-        raise _error(path, f"expected a mapping, got {type(data).__name__} {data!r}")
-    for key in data:
-        if key not in allowed:
-            raise _error(f"{path}.{key}" if path else str(key), f"unknown key; allowed: {', '.join(allowed)}")
-    for key in required:
-        if key not in data:
-            raise _error(path, f"missing key {key!r}")
-
-
-def _check_bool(path: str, value: object) -> bool:
-    if not isinstance(value, bool):
-        raise _error(path, f"expected true or false, got {value!r}")
-    return value
-
-
-def _check_str(path: str, value: object) -> str:
-    if not isinstance(value, str):
-        raise _error(path, f"expected a string, got {value!r}")
-    return value
 
 
 @dataclass(frozen=True)
@@ -130,20 +105,52 @@ class QuantizerConfig:
         return "ternary tanh"
 
     def build(self) -> Quantizer:
-        """A new quantizer module with these arguments."""
+        """A new quantizer module with these arguments.
+
+        Example:
+            >>> import torch
+            >>> q = QuantizerConfig("fixed_point", {"int_bits": 0, "frac_bits": 2}).build()
+            >>> q(torch.tensor([0.3, -0.9]))
+            tensor([ 0.2500, -0.7500])
+        """
         return KINDS[self.kind].cls(**self.params)
 
     def as_signed(self) -> QuantizerConfig:
-        """The same format with a sign (for activations that can be negative)."""
+        """The same format with a sign (for activations that can be negative).
+
+        Example:
+            >>> qa6 = QuantizerConfig("fixed_point", {"int_bits": 6, "frac_bits": 0, "signed": False})
+            >>> qa6.label, qa6.as_signed().label
+            ('Q6.0 unsigned', 'Q6.0')
+        """
         if self.signed:
             return self
         return QuantizerConfig(self.kind, {**self.params, "signed": True})
 
     def to_dict(self) -> dict[str, Any]:
+        """The mapping :meth:`from_dict` reads: ``kind`` and the constructor arguments.
+
+        Example:
+            >>> QuantizerConfig("ternary", {"channel_axis": 0}).to_dict()
+            {'kind': 'ternary', 'channel_axis': 0}
+        """
         return {"kind": self.kind, **self.params}
 
     @classmethod
     def from_dict(cls, data: object, path: str) -> QuantizerConfig:
+        """Build and validate a config from a mapping such as ``{kind: ternary, channel_axis: 0}``.
+
+        ``path`` is where the mapping sits in the recipe (``weights``,
+        ``overrides[1].activations``); errors name keys below it.
+
+        Example:
+            >>> QuantizerConfig.from_dict({"kind": "ternary", "channel_axis": 0}, "weights").build()
+            Ternary(channel_axis=0)
+            >>> QuantizerConfig.from_dict({"kind": "ternary", "axis": 0}, "weights")
+            Traceback (most recent call last):
+            ...
+            qseg.errors.RecipeError: weights.axis: unknown key; allowed: channel_axis
+        """
         if not isinstance(data, Mapping):
             raise _error(
                 path, f"expected a quantizer mapping such as {{kind: fixed_point, ...}}, got {data!r}"
@@ -229,7 +236,15 @@ class Override:
             raise _error("activations", _ACT_KIND_MESSAGE)
 
     def matches(self, layer_name: str, type_name: str) -> bool:
-        """Whether this override applies to the layer ``layer_name`` of class ``type_name``."""
+        """Whether this override applies to the layer ``layer_name`` of class ``type_name``.
+
+        Example:
+            >>> o = Override(name="dec*", type="Conv2d", weights=None)
+            >>> o.matches("dec1.conv1", "Conv2d"), o.matches("dec1.up", "ConvTranspose2d")
+            (True, False)
+            >>> o.matches("enc1.conv1", "Conv2d")
+            False
+        """
         if self.name is not None and not fnmatch.fnmatchcase(layer_name, self.name):
             return False
         if self.regex is not None and re.fullmatch(self.regex, layer_name) is None:
@@ -237,6 +252,13 @@ class Override:
         return self.type is None or self.type == type_name
 
     def to_dict(self) -> dict[str, Any]:
+        """The mapping :meth:`from_dict` reads; selectors not given and fields left to
+        the recipe (``INHERIT``) are omitted, ``None`` (keep float) is kept.
+
+        Example:
+            >>> Override(name="dec*", weights=None).to_dict()
+            {'name': 'dec*', 'weights': None}
+        """
         out: dict[str, Any] = {k: v for k in ("name", "regex", "type") if (v := getattr(self, k)) is not None}
         for key in ("weights", "activations"):
             value = getattr(self, key)
@@ -246,6 +268,18 @@ class Override:
 
     @classmethod
     def from_dict(cls, data: object, path: str) -> Override:
+        """Build and validate an override from a mapping (one item of a recipe's
+        ``overrides`` list); ``path`` prefixes the key path of any error.
+
+        Example:
+            >>> fp6 = {"kind": "fixed_point", "int_bits": 0, "frac_bits": 6}
+            >>> Override.from_dict({"type": "Linear", "weights": fp6}, "overrides[0]").weights.label
+            'Q0.6'
+            >>> Override.from_dict({"layer": "head"}, "overrides[2]")
+            Traceback (most recent call last):
+            ...
+            qseg.errors.RecipeError: overrides[2].layer: unknown key; allowed: name, regex, type, weights, activations
+        """
         _check_keys(data, path, ("name", "regex", "type", "weights", "activations"))
         kwargs: dict[str, Any] = {}
         for key in ("name", "regex", "type"):
@@ -263,7 +297,17 @@ class Override:
 
 @dataclass(frozen=True)
 class KeepFloat:
-    """Which layers found in the graph stay in full precision (paper A keeps both)."""
+    """Which layers found in the graph stay in full precision (paper A keeps both).
+
+    Example:
+        >>> from qseg.recipes import load
+        >>> load("unet-qa6.0-qw0.4").replace(keep_float=KeepFloat(first=False)).keep_float
+        KeepFloat(first=False, last=True)
+        >>> KeepFloat(first="no")
+        Traceback (most recent call last):
+        ...
+        qseg.errors.RecipeError: first: expected true or false, got 'no'
+    """
 
     first: bool = True
     last: bool = True
@@ -299,7 +343,14 @@ class Recipe:
         keep_float: keep the first / last weighted layers (found in the graph) in
             full precision.
         strip_dropout: remove every dropout (paper A: it hurts quantized training).
+        rescale: rescale a float model's channels so that quantized weights and
+            activations use their whole grid, without changing the float function
+            (qseg's addition, see :func:`qseg.passes.rescale`).
         overrides: per-layer exceptions, applied in order.
+        training: how the paper trained the quantized network (read by
+            :func:`qseg.train.fit`, not by ``prepare``).
+        inq: incremental quantization stages (power-of-two weights), or ``None``.
+        suggestive_annotation: settings of the suggestive-annotation loop, or ``None``.
 
     Example:
         >>> r = Recipe.from_dict({"name": "w4", "weights": {"kind": "fixed_point", "int_bits": 0, "frac_bits": 4}})
@@ -314,7 +365,11 @@ class Recipe:
     activation_placement: str = "after_norm"
     keep_float: KeepFloat = KeepFloat()
     strip_dropout: bool = True
+    rescale: bool = False
     overrides: tuple[Override, ...] = ()
+    training: Training = field(default_factory=Training)
+    inq: Inq | None = None
+    suggestive_annotation: SuggestiveAnnotation | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -334,20 +389,57 @@ class Recipe:
         if not isinstance(self.keep_float, KeepFloat):
             raise _error("keep_float", f"expected a KeepFloat, got {self.keep_float!r}")
         _check_bool("strip_dropout", self.strip_dropout)
+        _check_bool("rescale", self.rescale)
         object.__setattr__(self, "overrides", tuple(self.overrides))
         for i, item in enumerate(self.overrides):
             if not isinstance(item, Override):
                 raise _error(f"overrides[{i}]", f"expected an Override, got {item!r}")
+        if not isinstance(self.training, Training):
+            raise _error("training", f"expected a Training, got {self.training!r}")
+        for key, cls in (("inq", Inq), ("suggestive_annotation", SuggestiveAnnotation)):
+            value = getattr(self, key)
+            if value is not None and not isinstance(value, cls):
+                raise _error(key, f"expected a {cls.__name__} or None, got {value!r}")
+        if self.inq is not None and (self.weights is None or self.weights.kind != "power_of_two"):
+            raise _error("inq", "incremental quantization needs power_of_two weights (weights.kind)")
 
     def replace(self, **changes: Any) -> Recipe:
-        """A copy with some fields changed (validated again)."""
+        """A copy with some fields changed (validated again).
+
+        Example:
+            >>> from qseg.recipes import load
+            >>> qa6 = load("unet-qa6.0-qw0.4")
+            >>> qa6.replace(activation_placement="conv_input").activation_placement
+            'conv_input'
+            >>> qa6.replace(activation_placement="before")
+            Traceback (most recent call last):
+            ...
+            qseg.errors.RecipeError: activation_placement: must be one of after_norm, conv_input; got 'before'
+        """
         return dataclasses.replace(self, **changes)
 
     @classmethod
     def from_dict(cls, data: object) -> Recipe:
-        """Build and validate a recipe from a mapping (a YAML file's content)."""
+        """Build and validate a recipe from a mapping (a YAML file's content).
+
+        Keys left out take the field defaults; an error names the key path.
+
+        Example:
+            >>> r = Recipe.from_dict({
+            ...     "name": "w4-float-decoder",
+            ...     "weights": {"kind": "fixed_point", "int_bits": 0, "frac_bits": 4},
+            ...     "overrides": [{"name": "dec*", "weights": None}],
+            ... })
+            >>> r.weights.label, r.overrides[0].matches("dec1.conv1", "Conv2d")
+            ('Q0.4', True)
+            >>> Recipe.from_dict({"name": "x", "weights": {"kind": "fixed_point", "int_bits": 0}})
+            Traceback (most recent call last):
+            ...
+            qseg.errors.RecipeError: weights: missing key 'frac_bits'
+        """
         fields = ("name", "description", "weights", "activations", "activation_placement", "keep_float")
-        _check_keys(data, "", (*fields, "strip_dropout", "overrides"), ("name",))
+        sections = {"training": Training, "inq": Inq, "suggestive_annotation": SuggestiveAnnotation}
+        _check_keys(data, "", (*fields, "strip_dropout", "rescale", "overrides", *sections), ("name",))
         kwargs: dict[str, Any] = {}
         for key in ("name", "description", "activation_placement"):
             if key in data:
@@ -359,17 +451,32 @@ class Recipe:
             _check_keys(data["keep_float"], "keep_float", ("first", "last"))
             keep = {k: _check_bool(f"keep_float.{k}", v) for k, v in data["keep_float"].items()}
             kwargs["keep_float"] = KeepFloat(**keep)
-        if "strip_dropout" in data:
-            kwargs["strip_dropout"] = _check_bool("strip_dropout", data["strip_dropout"])
+        for key in ("strip_dropout", "rescale"):
+            if key in data:
+                kwargs[key] = _check_bool(key, data[key])
         if "overrides" in data:
             items = data["overrides"] or []
             if not isinstance(items, list):
                 raise _error("overrides", f"expected a list of overrides, got {items!r}")
             kwargs["overrides"] = tuple(Override.from_dict(o, f"overrides[{i}]") for i, o in enumerate(items))
+        for key, section in sections.items():
+            if data.get(key) is not None:
+                kwargs[key] = section.from_dict(data[key], key)
         return cls(**kwargs)
 
     def to_dict(self) -> dict[str, Any]:
-        """The plain mapping :meth:`from_dict` reads (round-trips exactly)."""
+        """The plain mapping :meth:`from_dict` reads (round-trips exactly), every field
+        written out, defaults included.
+
+        Example:
+            >>> from qseg.recipes import load
+            >>> qa6 = load("unet-qa6.0-qw0.4")
+            >>> d = qa6.to_dict()
+            >>> d["weights"], d["keep_float"]
+            ({'kind': 'fixed_point', 'int_bits': 0, 'frac_bits': 4}, {'first': True, 'last': True})
+            >>> Recipe.from_dict(d) == qa6
+            True
+        """
         return {
             "name": self.name,
             "description": self.description,
@@ -378,5 +485,11 @@ class Recipe:
             "activation_placement": self.activation_placement,
             "keep_float": {"first": self.keep_float.first, "last": self.keep_float.last},
             "strip_dropout": self.strip_dropout,
+            "rescale": self.rescale,
             "overrides": [o.to_dict() for o in self.overrides],
+            "training": self.training.to_dict(),
+            "inq": None if self.inq is None else self.inq.to_dict(),
+            "suggestive_annotation": None
+            if self.suggestive_annotation is None
+            else self.suggestive_annotation.to_dict(),
         }

@@ -8,6 +8,7 @@ from torch import nn
 
 import qseg
 from qseg.convert import FrozenActQuant, FrozenLayer
+from qseg.exporters import check_parity, openvino_from_onnx, runtime_precisions
 from qseg.models import PaperUNet
 
 QA6_QW4 = qseg.recipes.load("unet-qa6.0-qw0.4").to_dict()
@@ -99,9 +100,15 @@ def test_batchnorm_folds_into_the_channel_scale_and_codes_stay():
     bn.running_mean.uniform_(-1, 1)
     bn.running_var.uniform_(0.5, 2)
     bn.weight.data.uniform_(0.5, 2)
+    # beta such that the folded bias (b - mean) * k + beta is k * j / 16, on the int32
+    # accumulator grid 1 * 2^-4 * k: convert then rounds nothing and must equal q
+    k = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
+    j = torch.tensor([-7.0, -1.0, 2.0, 5.0])
+    bn.bias.data = k * (bn.running_mean - q.get_submodule("3").bias.detach() + j / 16)
     q.eval()
     c = qseg.convert(q)
     layer = c.get_submodule("3")
+    assert torch.equal(layer.bias_codes, j.to(torch.int32))
     assert isinstance(layer, FrozenLayer) and layer.integer and layer.codes.dtype == torch.int8
     conv = q.get_submodule("3")
     codes = torch.round(conv.quantized_weight() * 16)
@@ -158,6 +165,80 @@ def test_non_finite_weights_name_the_layer():
         qseg.convert(q)
 
 
-def test_only_prepared_fx_models_convert():
+def test_only_prepared_models_convert():
     with pytest.raises(qseg.ExportError, match=r"takes a model returned by qseg\.prepare"):
         qseg.convert(nn.Conv2d(1, 1, 1))
+
+
+class SkipIfTensor(nn.Module):
+    """FX traces it into a wrong graph (``torch.jit.isinstance`` is False on a proxy,
+    so the skip is lost): ``prepare`` takes the torch.export + module swap fallback."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.b1, self.r1 = nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()
+        self.c2, self.b2, self.r2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()
+        self.c3, self.b3 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.head = nn.Conv2d(8, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.r1(self.b1(self.c1(x)))
+        z = self.r2(self.b2(self.c2(y)))
+        if torch.jit.isinstance(y, torch.Tensor):
+            z = z + y
+        return self.head(self.b3(self.c3(z)))
+
+
+def test_fallback_model_needs_its_example_inputs():
+    q = trained(SkipIfTensor(), steps=0, size=16)
+    assert "torch.export + module swap" in q.qseg_report.capture
+    with pytest.raises(qseg.ExportError, match=r"qseg\.convert\(qmodel, example_inputs=x\)"):
+        qseg.convert(q)
+
+
+def test_fallback_model_converts_like_an_fx_model_and_exports_with_parity(tmp_path):
+    q = trained(SkipIfTensor(), size=16)
+    x = torch.randn(2, 1, 16, 16)
+    c = qseg.convert(q, example_inputs=x)
+    report = c.qseg_convert
+    # c1 and head stay float (first and last); c2 reads b1's grid through r1, c3 its own input
+    # quantizer (the residual sum is off the grid); b2, b3 fold, the ReLUs after unsigned grids go
+    assert report.integer_layers == ["c2", "c3"] and not report.float_input_layers
+    assert report.folded_norms == ["b2", "b3"] and report.removed_relus == ["r1", "r2"]
+    assert isinstance(c.c3, FrozenLayer) and isinstance(c.c3.input_quant, FrozenActQuant)
+    assert isinstance(c.b2, nn.Identity) and isinstance(c.b2.act_quant, FrozenActQuant)
+    assert type(q.c2).__name__ == "QuantConv2d" and isinstance(q.b2, nn.BatchNorm2d)  # q untouched
+    other = torch.randn(3, 1, 24, 32)
+    with torch.no_grad():
+        # only the folded bias's rounding to the int32 accumulator grid differs (one step at most)
+        assert (c(other) - q(other)).abs().max() <= 1.0
+        exact_biases(q)
+        exact = qseg.convert(q, example_inputs=x)
+        assert torch.equal(exact(other), q(other))
+
+    onnx_path = qseg.export_onnx(c, x, tmp_path / "m.onnx")
+    ir_path = openvino_from_onnx(onnx_path, tmp_path / "m.xml")
+    assert [p.precision for p in runtime_precisions(ir_path)] == ["f32", "u8", "u8", "f32"]
+    results = check_parity(c, other, onnx_path, ir_path)
+    # the integer layers agree exactly; the float head sums in another order (one ulp)
+    assert all(r.max_abs_diff <= 1e-6 for r in results), results
+
+
+def test_fallback_batchnorm_shared_by_two_convs_is_not_folded():
+    class SharedNorm(SkipIfTensor):
+        def forward(self, x):
+            y = self.r1(self.b1(self.c1(x)))
+            z = self.r2(self.b2(self.c2(y)))
+            if torch.jit.isinstance(y, torch.Tensor):
+                z = self.r2(self.b2(self.c3(z)))  # b2 after c2 and after c3
+            return self.head(z)
+
+    q = trained(SharedNorm(), size=16)
+    c = qseg.convert(q, example_inputs=torch.randn(2, 1, 16, 16))
+    assert c.qseg_convert.integer_layers == ["c2", "c3"] and not c.qseg_convert.folded_norms
+    assert isinstance(c.b2, nn.BatchNorm2d) and isinstance(c.b2.act_quant, FrozenActQuant)
+    other = torch.randn(2, 1, 24, 24)
+    with torch.no_grad():
+        assert (c(other) - q(other)).abs().max() <= 1.0
+        exact_biases(q)
+        assert torch.equal(qseg.convert(q, example_inputs=other)(other), q(other))

@@ -3,6 +3,7 @@ signed grid where an activation can be negative."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
@@ -183,3 +184,49 @@ def test_first_and_last_by_reachability_in_a_multi_head_graph():
     gm = fx.symbolic_trace(TwoHeads())
     first, last = g.first_and_last(gm, [layer.node for layer in g.weighted_layers(gm)])
     assert first == {"enc", "side"} and last == {"h1", "h2", "side"}
+
+
+class _SharedConv(torch.nn.Module):
+    """A conv called twice (weight sharing across two depths)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Conv2d(1, 4, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(4)
+        self.shared = torch.nn.Conv2d(4, 4, 3, padding=1)
+        self.bn2 = torch.nn.BatchNorm2d(4)
+        self.bn3 = torch.nn.BatchNorm2d(4)
+        self.head = torch.nn.Conv2d(4, 1, 1)
+
+    def forward(self, x):
+        x = self.bn(self.a(x)).relu()
+        x = self.bn2(self.shared(x)).relu()
+        x = self.bn3(self.shared(x)).relu()
+        return self.head(x)
+
+
+def test_a_layer_called_twice_is_quantized_once_and_trains():
+    model = _SharedConv()
+    q = qseg.prepare(model, "unet-qa6.0-qw0.4", example_inputs=torch.rand(1, 1, 8, 8))
+    assert type(q.shared).__name__ == "QuantConv2d"
+    assert type(q.shared.weight_quant).__name__ == "FixedPoint"
+    q(torch.rand(2, 1, 8, 8)).sum().backward()
+    assert q.shared.weight.grad is not None
+
+
+def test_a_layer_called_twice_with_conflicting_decisions_is_an_error():
+    recipe = qseg.recipes.load("unet-qa6.0-qw0.4")
+
+    # the shared conv's first call is the first layer (kept float), its second is not
+    class FirstShared(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.shared = torch.nn.Conv2d(1, 1, 3, padding=1)
+            self.bn = torch.nn.BatchNorm2d(1)
+            self.head = torch.nn.Conv2d(1, 1, 1)
+
+        def forward(self, x):
+            return self.head(self.shared(self.bn(self.shared(x)).relu()))
+
+    with pytest.raises(qseg.RecipeError, match="'shared' is called more than once"):
+        qseg.prepare(FirstShared(), recipe, example_inputs=torch.rand(1, 1, 8, 8))

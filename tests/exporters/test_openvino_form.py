@@ -1,0 +1,237 @@
+"""qseg.exporters.openvino_form: the OpenVINO-only rewrite of qseg's QDQ graph keeps
+every value (onnxruntime computes the same outputs from both graphs), and with it
+OpenVINO fuses every activation quantizer of the default recipe into its int8
+convolutions, where its plain conversion leaves Convert / Clamp ops between them."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from onnx import TensorProto, helper
+
+import qseg
+from qseg.exporters import check_parity, export_onnx, openvino_from_onnx, runtime_precisions
+from qseg.exporters.openvino import OpenVINOForm, openvino_form
+from qseg.exporters.parity import run_openvino
+
+CODE_TYPES = {np.uint8: TensorProto.UINT8, np.int8: TensorProto.INT8}
+
+
+def scalar(name: str, value: float | int, dtype: type) -> onnx.TensorProto:
+    return onnx.numpy_helper.from_array(np.array(value, dtype=dtype), name)
+
+
+def quantizer(x: str, y: str, grid: str) -> list[onnx.NodeProto]:
+    """Q -> integer Clip -> DQ on the constants ``{grid}_s``, ``_z``, ``_lo``, ``_hi``."""
+    return [
+        helper.make_node("QuantizeLinear", [x, f"{grid}_s", f"{grid}_z"], [f"{y}_q"]),
+        helper.make_node("Clip", [f"{y}_q", f"{grid}_lo", f"{grid}_hi"], [f"{y}_c"]),
+        helper.make_node("DequantizeLinear", [f"{y}_c", f"{grid}_s", f"{grid}_z"], [y]),
+    ]
+
+
+def grid_constants(grid: str, scale: float, zero: int, lo: int, hi: int, dtype: type = np.uint8) -> list:
+    return [
+        scalar(f"{grid}_s", scale, np.float32),
+        scalar(f"{grid}_z", zero, dtype),
+        scalar(f"{grid}_lo", lo, dtype),
+        scalar(f"{grid}_hi", hi, dtype),
+    ]
+
+
+def model(nodes: list, inputs: dict[str, list], output: tuple[str, list], constants: list) -> onnx.ModelProto:
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in inputs.items()],
+        [helper.make_tensor_value_info(output[0], TensorProto.FLOAT, output[1])],
+        constants,
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    onnx.checker.check_model(proto, full_check=True)
+    return proto
+
+
+def run(proto: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)[0]
+
+
+def rewritten(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, OpenVINOForm]:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)
+    form = openvino_form(copy)
+    onnx.checker.check_model(copy, full_check=True)
+    return copy, form
+
+
+@st.composite
+def grids_and_inputs(draw):
+    dtype = draw(st.sampled_from(sorted(CODE_TYPES, key=str)))
+    info = np.iinfo(dtype)
+    zero = draw(st.integers(info.min, info.max))
+    lo = draw(st.integers(info.min, info.max))
+    hi = draw(st.integers(lo, info.max))
+    scale = draw(
+        st.one_of(
+            st.integers(-8, 4).map(lambda k: 2.0**k),
+            st.floats(2.0**-10, 10.0, width=32),
+        )
+    )
+    # codes around and beyond the clip range, exactly on rounding ties and next to them
+    codes = draw(st.lists(st.integers(int(info.min) - 300, int(info.max) + 300), min_size=1, max_size=64))
+    offsets = draw(
+        st.lists(
+            st.sampled_from([0.0, 0.5, -0.5, 0.49999997, 0.50000006]) | st.floats(-1, 1, width=32),
+            min_size=len(codes),
+            max_size=len(codes),
+        )
+    )
+    x = (np.array(codes, np.float64) - zero + np.array(offsets)) * scale
+    return dtype, scale, zero, lo, hi, x.astype(np.float32)
+
+
+@given(grids_and_inputs())
+def test_clip_before_quantize_gives_the_same_codes_in_onnxruntime(case):
+    dtype, scale, zero, lo, hi, x = case
+    proto = model(
+        quantizer("x", "y", "a"),
+        {"x": [len(x)]},
+        ("y", [len(x)]),
+        grid_constants("a", scale, zero, lo, hi, dtype),
+    )
+    form_proto, form = rewritten(proto)
+    info = np.iinfo(dtype)
+    ops = [n.op_type for n in form_proto.graph.node]
+    if info.min != zero:  # signed codes keep the integer Clip (see openvino_form)
+        assert form == OpenVINOForm(0, 0, 0) and ops == ["QuantizeLinear", "Clip", "DequantizeLinear"]
+    elif (lo, hi) == (info.min, info.max):
+        assert form == OpenVINOForm(0, 0, 1) and ops == ["QuantizeLinear", "DequantizeLinear"]
+    else:
+        assert form == OpenVINOForm(0, 0, 1) and ops == ["Clip", "QuantizeLinear", "DequantizeLinear"]
+    expected = run(proto, {"x": x})
+    assert np.array_equal(run(form_proto, {"x": x}), expected)
+    assert expected.min() >= (lo - zero) * np.float32(scale) and expected.max() <= (hi - zero) * np.float32(
+        scale
+    )
+
+
+def test_a_quantizer_after_concat_moves_onto_the_inputs_off_its_grid():
+    # a is on the grid (quantized before), b is not: only b gets the quantizer
+    nodes = [
+        *quantizer("a_in", "a", "g"),
+        helper.make_node("Concat", ["a", "b"], ["cat"], axis=1),
+        *quantizer("cat", "y", "g"),
+        helper.make_node("Neg", ["y"], ["out"]),
+    ]
+    proto = model(
+        nodes, {"a_in": [1, 2, 3], "b": [1, 2, 3]}, ("out", [1, 4, 3]), grid_constants("g", 0.25, 0, 0, 63)
+    )
+    form_proto, form = rewritten(proto)
+    assert form == OpenVINOForm(moved_through_concat=1, dropped=0, clips_moved=2)
+    concat = next(n for n in form_proto.graph.node if n.op_type == "Concat")
+    producers = {o: n for n in form_proto.graph.node for o in n.output}
+    assert concat.input[0] == "a" and producers[concat.input[1]].op_type == "DequantizeLinear"
+    assert producers["out"].input[0] == "cat"  # nothing quantizes after the Concat any more
+    rng = np.random.default_rng(0)
+    feeds = {k: (rng.standard_normal((1, 2, 3)) * 8).astype(np.float32) for k in ("a_in", "b")}
+    feeds["b"][0, 0, :] = [0.125, 0.375, 15.875]  # ties at step 0.25, and the top code
+    assert np.array_equal(run(form_proto, feeds), run(proto, feeds))
+
+
+def two_quantizers(
+    first: tuple, second: tuple, between: str = "MaxPool", output_is_graph_output: bool = False
+) -> onnx.ModelProto:
+    """x -> quantizer on grid ``first`` -> ``between`` -> quantizer on grid ``second`` (-> Neg)."""
+    pool = {"kernel_shape": [2, 2], "strides": [2, 2]} if between == "MaxPool" else {}
+    nodes = [
+        *quantizer("x", "a", "f"),
+        helper.make_node(between, ["a"], ["p"], **pool),
+        *quantizer("p", "y", "s"),
+    ]
+    if not output_is_graph_output:
+        nodes.append(helper.make_node("Neg", ["y"], ["out"]))
+    constants = grid_constants("f", *first) + grid_constants("s", *second)
+    shape = [1, 2, 2, 2] if between == "MaxPool" else [1, 2, 4, 4]
+    return model(nodes, {"x": [1, 2, 4, 4]}, ("y" if output_is_graph_output else "out", shape), constants)
+
+
+def test_a_quantizer_on_values_already_on_its_grid_is_dropped():
+    rng = np.random.default_rng(1)
+    x = {"x": (rng.standard_normal((1, 2, 4, 4)) * 40).astype(np.float32)}
+    cases = {
+        # (first grid, op between, second grid): dropped?
+        ((1.0, 0, 0, 63), "MaxPool", (1.0, 0, 0, 255)): True,  # narrower grid first: identity
+        ((1.0, 0, 0, 63), "MaxPool", (1.0, 0, 0, 63)): True,
+        ((1.0, 0, 0, 255), "MaxPool", (1.0, 0, 0, 63)): False,  # the second one clips
+        ((1.0, 0, 0, 63), "MaxPool", (0.5, 0, 0, 255)): False,  # another scale
+        ((1.0, 0, 0, 63), "MaxPool", (1.0, 3, 0, 255)): False,  # another zero point
+        ((1.0, 100, 37, 163), "Relu", (1.0, 100, 100, 163)): True,  # Relu lifts codes to zp
+        ((1.0, 100, 37, 163), "Identity", (1.0, 100, 100, 163)): False,  # no Relu: clips
+    }
+    for (first, between, second), dropped in cases.items():
+        proto = two_quantizers(first, second, between)
+        form_proto, form = rewritten(proto)
+        assert form.dropped == int(dropped), (first, between, second)
+        assert Counter(n.op_type for n in form_proto.graph.node)["QuantizeLinear"] == 2 - dropped
+        assert np.array_equal(run(form_proto, x), run(proto, x)), (first, second)
+    # a quantizer whose output is the graph's output keeps its name and place
+    proto = two_quantizers((1.0, 0, 0, 63), (1.0, 0, 0, 63), output_is_graph_output=True)
+    form_proto, form = rewritten(proto)
+    assert form.dropped == 0 and form_proto.graph.node[-1].output[0] == "y"
+
+
+def test_default_recipe_ir_fuses_every_activation_quantizer(tmp_path):
+    torch.manual_seed(0)
+    from qseg.models import PaperUNet
+
+    q = qseg.prepare(PaperUNet(widths=(4, 8, 8, 8)), example_inputs=torch.randn(2, 1, 32, 32)).eval()
+    c = qseg.convert(q)
+    onnx_path = export_onnx(c, torch.randn(1, 1, 32, 32), tmp_path / "m.onnx")
+    form_proto, form = rewritten(onnx.load(str(onnx_path)))
+    # three decoder concatenations; each of the 13 integer convs re-quantized an input
+    # that was on its grid already; 17 quantizers remain (14 after BatchNorm, 3 upsampled)
+    assert form == OpenVINOForm(moved_through_concat=3, dropped=13, clips_moved=17)
+    x = torch.randn(2, 1, 40, 48)
+    assert np.array_equal(run(form_proto, {"x": x.numpy()}), run(onnx.load(str(onnx_path)), {"x": x.numpy()}))
+
+    fused = openvino_from_onnx(onnx_path, tmp_path / "fused.xml")
+    plain = openvino_from_onnx(onnx_path, tmp_path / "plain.xml", fuse_quantizers=False)
+    between = ("FakeQuantize", "Convert", "Eltwise")  # ops the plugin runs between convs
+    assert runtime_precisions(fused, layer_types=between) == []
+    assert len(runtime_precisions(plain, layer_types=between)) >= 13
+    for ir in (fused, plain):
+        assert Counter(p.precision for p in runtime_precisions(ir)) == {"u8": 13, "f32": 2}
+        (result,) = check_parity(c, x, None, ir)
+        assert result.max_abs_diff == 0.0, result
+
+
+def test_openvino_rounds_ties_to_even_like_onnxruntime(tmp_path):
+    # every half-integer code from below the range to above it, and its float neighbours;
+    # the signed grid is the case openvino_form leaves alone: as one FakeQuantize from
+    # -128 * s, OpenVINO moved the neighbours of 126 ties onto them
+    halves = np.arange(-70, 140, dtype=np.float32) + np.float32(0.5)
+    codes = np.concatenate([halves, np.nextafter(halves, -np.inf), np.nextafter(halves, np.inf)])
+    for scale, lo, hi, dtype in ((1.0, 0, 63, np.uint8), (0.25, -63, 63, np.int8), (0.5, 0, 255, np.uint8)):
+        proto = model(
+            quantizer("x", "y", "g"),
+            {"x": [codes.size]},
+            ("y", [codes.size]),
+            grid_constants("g", scale, 0, lo, hi, dtype),
+        )
+        onnx.save(proto, tmp_path / "q.onnx")
+        ir = openvino_from_onnx(tmp_path / "q.onnx", tmp_path / "q.xml")
+        x = codes * np.float32(scale)
+        expected = run(proto, {"x": x})
+        (got,) = run_openvino(ir, (torch.from_numpy(x),))
+        assert np.array_equal(got, expected), (scale, lo, hi)
+        inside = (halves > lo) & (halves < hi)
+        assert (expected[: halves.size][inside] / scale % 2 == 0).all()  # half to even
