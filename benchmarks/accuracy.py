@@ -230,7 +230,7 @@ def main() -> None:
     args.sa_widths = (8, 16, 16, 16)
     args.sa_start = 16
     args.sa_epochs = 4 if quick else 8
-    args.nt_epochs = 8 if quick else 16
+    args.nt_epochs = 30 if quick else 60
     data = load_hela(test_frames=4, downscale=2)
     x, y = tiles(data.train_images, data.train_masks, 96)
     print(f"# {cpu_name()}, {args.threads} threads, torch {torch.__version__}; {' '.join(sys.argv)}")

@@ -48,7 +48,19 @@ EXACT_ACCUMULATOR = 2**24
 
 
 class FrozenActQuant(nn.Module):
-    """An activation quantizer frozen to its grid ``scale * [qmin, qmax]``."""
+    """An activation quantizer frozen to its grid ``scale * [qmin, qmax]``.
+
+    It computes ``clamp(round(x / scale), qmin, qmax) * scale``, rounding half to
+    even (``qseg::fake_quant``, which the ONNX exporter writes as QuantizeLinear ->
+    Clip -> DequantizeLinear). :func:`convert` puts one in place of every
+    activation quantizer with a uniform grid.
+
+    Example:
+        >>> import torch
+        >>> quant = FrozenActQuant(scale=0.5, qmin=0, qmax=3)  # unsigned 2-bit grid, step 0.5
+        >>> quant(torch.tensor([-1.0, 0.2, 0.8, 1.25, 9.0]))  # 1.25 is a tie: rounds to even
+        tensor([0.0000, 0.0000, 1.0000, 1.0000, 1.5000])
+    """
 
     def __init__(self, scale: float, qmin: int, qmax: int) -> None:
         super().__init__()
@@ -76,6 +88,22 @@ class FrozenLayer(nn.Module):
     type), ``w_scale`` one float32 scale per output channel. With ``in_scale``
     set, the layer is an integer conv of an on-grid input with int32
     ``bias_codes``; otherwise it dequantizes its weights and runs in float.
+    :func:`convert` builds one for each quantized layer with a uniform weight grid.
+
+    Example:
+        >>> import torch, qseg
+        >>> from torch import nn
+        >>> _ = torch.manual_seed(0)
+        >>> def block(i, o):
+        ...     return [nn.Conv2d(i, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU()]
+        >>> model = nn.Sequential(*block(1, 4), *block(4, 4), nn.Conv2d(4, 1, 1))
+        >>> x = torch.rand(1, 1, 8, 8)
+        >>> converted = qseg.convert(qseg.prepare(model, "unet-qa6.0-qw0.4", example_inputs=x))
+        >>> layer = converted.get_submodule("3")  # the middle conv; the first and last stay float
+        >>> layer
+        FrozenLayer(conv, codes torch.int8 (4, 4, 3, 3), integer, input scale 1.0)
+        >>> layer.integer, layer.bias_codes.dtype
+        (True, torch.int32)
     """
 
     def __init__(
@@ -109,7 +137,17 @@ class FrozenLayer(nn.Module):
         return self.in_grid is not None
 
     def weight(self) -> torch.Tensor:
-        """The dequantized weights (BatchNorm folded in)."""
+        """The dequantized weights, ``codes * w_scale`` per output channel (BatchNorm folded in).
+
+        Example:
+            >>> import torch
+            >>> conv = {"stride": [1, 1], "padding": [0, 0], "dilation": [1, 1], "groups": 1}
+            >>> codes = torch.tensor([[[[3, -2]]], [[[1, 0]]]])  # 2 output channels, 1x2 kernels
+            >>> layer = FrozenLayer("conv", codes, torch.tensor([0.5, 0.25]), torch.zeros(2), conv)
+            >>> layer.weight().flatten(1)
+            tensor([[ 1.5000, -1.0000],
+                    [ 0.2500,  0.0000]])
+        """
         return torch.ops.qseg.dequantize(self.codes, self.w_scale, self.axis)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -147,7 +185,32 @@ class FrozenLayer(nn.Module):
 
 @dataclass
 class ConvertReport:
-    """What ``convert`` did, per layer and in total (``converted.qseg_convert``)."""
+    """What ``convert`` did, per layer and in total (``converted.qseg_convert``).
+
+    The lists name layers: ``integer_layers`` run as integer convs,
+    ``float_input_layers`` keep integer weights but read a float input,
+    ``grid_layers`` keep float weights on a non-uniform grid (INQ);
+    ``folded_norms`` are the BatchNorms folded into the conv before them,
+    ``removed_relus`` the ReLUs dropped after an unsigned quantizer, and
+    ``warnings`` flag integer kernels that may saturate or lose exactness.
+
+    Example:
+        >>> import torch, qseg
+        >>> from torch import nn
+        >>> _ = torch.manual_seed(0)
+        >>> def block(i, o):
+        ...     return [nn.Conv2d(i, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU()]
+        >>> model = nn.Sequential(*block(1, 4), *block(4, 4), nn.Conv2d(4, 1, 1))
+        >>> x = torch.rand(1, 1, 8, 8)
+        >>> report = qseg.convert(qseg.prepare(model, "unet-qa6.0-qw0.4", example_inputs=x)).qseg_convert
+        >>> print(report)
+        integer convs: 1 (3)
+        quantized weights, float input: -
+        float weights on a non-uniform grid: -
+        BatchNorms folded: 1; ReLUs removed: 2
+        >>> report.folded_norms
+        ['4']
+    """
 
     integer_layers: list[str] = field(default_factory=list)
     float_input_layers: list[str] = field(default_factory=list)

@@ -44,7 +44,11 @@ def test_runtimes_reproduce_the_converted_model(result):
     # flip the sign of a logit within ~1e-6 of 0: a pixel or two
     assert abs(rows["onnxruntime QDQ"]["dice"] - converted) < 1e-3
     assert abs(rows["OpenVINO IR"]["dice"] - converted) < 1e-3
-    assert len(result.parity) == 2 and all(p.endswith("ok") for p in result.parity)
+    checks, agreement = result.parity[:2], result.parity[2:]
+    assert len(checks) == 2 and all(p.endswith("ok") for p in checks)
+    assert len(agreement) == 2
+    for line in agreement:
+        assert float(line.split(": ")[1].split("%")[0]) >= 99.9, line
 
 
 def test_table_reports_sizes_and_latency(result):

@@ -179,6 +179,23 @@ def export_onnx(
     Raises:
         ExportError: the export failed, a grid does not fit the chosen storage,
             or the written model does not pass ``onnx.checker``'s full check.
+
+    Example:
+        >>> import tempfile, onnx, torch, qseg
+        >>> from torch import nn
+        >>> _ = torch.manual_seed(0)
+        >>> def block(i, o):
+        ...     return [nn.Conv2d(i, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU()]
+        >>> model = nn.Sequential(*block(1, 4), *block(4, 4), nn.Conv2d(4, 1, 1))
+        >>> x = torch.rand(1, 1, 8, 8)
+        >>> prepared = qseg.prepare(model, "unet-qa6.0-qw0.4", example_inputs=x)
+        >>> path = export_onnx(prepared, x, f"{tempfile.mkdtemp()}/net.onnx")  # converts it first
+        >>> proto = onnx.load(path)
+        >>> sorted({node.op_type for node in proto.graph.node})
+        ['Clip', 'Conv', 'DequantizeLinear', 'QuantizeLinear']
+        >>> codes = next(i for i in proto.graph.initializer if i.name == "3.codes")  # the middle conv
+        >>> onnx.TensorProto.DataType.Name(codes.data_type)
+        'INT8'
     """
     import onnx
 

@@ -26,7 +26,15 @@ class ParityResult:
     Integer layers reproduce exactly; a float layer before a quantizer (the first
     layer, kept float) is summed in another order by each runtime, and a value that
     lands on a rounding tie of the next quantizer can move one step there and spread
-    from it. ``within_step`` shows how far that went."""
+    from it. ``within_step`` shows how far that went.
+
+    Example:
+        >>> result = ParityResult("onnxruntime", max_abs_diff=1.0, step=0.5, within_step=0.999)
+        >>> result.ok
+        False
+        >>> print(result)
+        onnxruntime: max |diff| 1 (one step = 0.5) MISMATCH (99.90% of outputs within one step)
+    """
 
     runtime: str
     max_abs_diff: float
@@ -35,6 +43,12 @@ class ParityResult:
 
     @property
     def ok(self) -> bool:
+        """Whether the largest difference is within one quantization step.
+
+        Example:
+            >>> ParityResult("openvino", max_abs_diff=0.25, step=0.5).ok
+            True
+        """
         return self.max_abs_diff <= self.step
 
     def __str__(self) -> str:
@@ -52,7 +66,26 @@ def _inputs(example_inputs: torch.Tensor | tuple) -> tuple:
 
 
 def run_onnxruntime(path: str | os.PathLike, inputs: tuple, threads: int = 2) -> list[np.ndarray]:
-    """Outputs of an ONNX file in onnxruntime's CPU provider."""
+    """Outputs of an ONNX file in onnxruntime's CPU provider.
+
+    ``inputs`` are tensors in the order of the file's inputs; ``threads`` sets
+    onnxruntime's intra-op threads.
+
+    Example:
+        >>> import tempfile, onnx, torch
+        >>> from onnx import TensorProto, helper
+        >>> nodes = [
+        ...     helper.make_node("QuantizeLinear", ["x", "s"], ["q"]),  # uint8 codes, zero point 0
+        ...     helper.make_node("DequantizeLinear", ["q", "s"], ["y"]),
+        ... ]
+        >>> x, y = (helper.make_tensor_value_info(name, TensorProto.FLOAT, [4]) for name in "xy")
+        >>> scale = helper.make_tensor("s", TensorProto.FLOAT, [], [0.5])
+        >>> graph = helper.make_graph(nodes, "qdq", [x], [y], [scale])
+        >>> path = f"{tempfile.mkdtemp()}/qdq.onnx"
+        >>> onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), path)
+        >>> run_onnxruntime(path, (torch.tensor([-1.0, 0.8, 1.25, 200.0]),))  # onto 0.5 * [0, 255]
+        [array([  0. ,   1. ,   1. , 127.5], dtype=float32)]
+    """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -63,7 +96,26 @@ def run_onnxruntime(path: str | os.PathLike, inputs: tuple, threads: int = 2) ->
 
 
 def run_openvino(path: str | os.PathLike, inputs: tuple, threads: int = 2) -> list[np.ndarray]:
-    """Outputs of an IR or ONNX file on OpenVINO's CPU plugin."""
+    """Outputs of an IR or ONNX file on OpenVINO's CPU plugin.
+
+    ``inputs`` are tensors in the order of the model's inputs; ``threads`` sets
+    OpenVINO's inference threads.
+
+    Example:
+        >>> import tempfile, onnx, torch
+        >>> from onnx import TensorProto, helper
+        >>> nodes = [
+        ...     helper.make_node("QuantizeLinear", ["x", "s"], ["q"]),  # uint8 codes, zero point 0
+        ...     helper.make_node("DequantizeLinear", ["q", "s"], ["y"]),
+        ... ]
+        >>> x, y = (helper.make_tensor_value_info(name, TensorProto.FLOAT, [4]) for name in "xy")
+        >>> scale = helper.make_tensor("s", TensorProto.FLOAT, [], [0.5])
+        >>> graph = helper.make_graph(nodes, "qdq", [x], [y], [scale])
+        >>> path = f"{tempfile.mkdtemp()}/qdq.onnx"
+        >>> onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), path)
+        >>> run_openvino(path, (torch.tensor([-1.0, 0.8, 1.25, 200.0]),))  # onto 0.5 * [0, 255]
+        [array([  0. ,   1. ,   1. , 127.5], dtype=float32)]
+    """
     import openvino as ov
 
     core = ov.Core()
@@ -85,7 +137,23 @@ def check_parity(
     threads: int = 2,
 ) -> list[ParityResult]:
     """Compare the converted PyTorch ``model`` with its ONNX file in onnxruntime
-    and its IR in OpenVINO on ``example_inputs``."""
+    and its IR in OpenVINO on ``example_inputs``; a runtime whose path is ``None``
+    is skipped. The tolerance is one step of the model's finest activation grid.
+
+    Example:
+        >>> import tempfile, torch, qseg
+        >>> from torch import nn
+        >>> _ = torch.manual_seed(0)
+        >>> def block(i, o):
+        ...     return [nn.Conv2d(i, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU()]
+        >>> model = nn.Sequential(*block(1, 4), *block(4, 4), nn.Conv2d(4, 1, 1))
+        >>> x = torch.rand(1, 1, 8, 8)
+        >>> converted = qseg.convert(qseg.prepare(model, "unet-qa6.0-qw0.4", example_inputs=x))
+        >>> onnx_file = qseg.export_onnx(converted, x, f"{tempfile.mkdtemp()}/net.onnx")
+        >>> xml = qseg.exporters.openvino_from_onnx(onnx_file, onnx_file.with_suffix(".xml"))
+        >>> [(r.runtime, r.ok) for r in check_parity(converted, x, onnx_path=onnx_file, ir_path=xml)]
+        [('onnxruntime', True), ('openvino', True)]
+    """
     inputs = _inputs(example_inputs)
     with torch.no_grad():
         expected = _flat(model.eval()(*inputs))
@@ -105,7 +173,22 @@ def check_parity(
 
 def onnxruntime_ops(path: str | os.PathLike) -> dict[str, int]:
     """How many ops of each type onnxruntime executes after its graph optimizations
-    (``QLinearConv`` counts the convs it fused into integer kernels)."""
+    (``QLinearConv`` counts the convs it fused into integer kernels).
+
+    Example:
+        >>> import tempfile, torch, qseg
+        >>> from torch import nn
+        >>> _ = torch.manual_seed(0)
+        >>> def block(i, o):
+        ...     return [nn.Conv2d(i, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU()]
+        >>> model = nn.Sequential(*block(1, 4), *block(4, 4), nn.Conv2d(4, 1, 1))
+        >>> x = torch.rand(1, 1, 8, 8)
+        >>> converted = qseg.convert(qseg.prepare(model, "unet-qa6.0-qw0.4", example_inputs=x))
+        >>> onnx_file = qseg.export_onnx(converted, x, f"{tempfile.mkdtemp()}/net.onnx")
+        >>> ops = onnxruntime_ops(onnx_file)
+        >>> ops["QLinearConv"], ops["Conv"]  # the middle conv runs in int8; first and last stay float
+        (1, 2)
+    """
     import tempfile
     from collections import Counter
 
