@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ import torch
 
 import qseg
 from qseg.data import HELA_SOURCE, load_hela, tiles
+from qseg.exporters.parity import check_parity, run_onnxruntime, run_openvino
 from qseg.metrics import dice_score
 from qseg.models import PaperUNet
 from qseg.recipes import load
@@ -157,8 +159,6 @@ def run(
         >>> result = run("qseg-demo", fast=True, progress=False)  # doctest: +SKIP
         >>> print(result.table)  # doctest: +SKIP
     """
-    import sys
-
     settings = FAST if fast else FULL
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -228,8 +228,6 @@ def run(
     onnx_path = qseg.export_onnx(converted, example, out / "model.onnx")
     ir_path = qseg.export_openvino(converted, example, out / "model.xml")
     float_ir = _float_ir(model, example, out / "float.xml")
-    from qseg.exporters.parity import check_parity, run_onnxruntime, run_openvino
-
     say("exported model.onnx and model.xml; checking parity")
     parity = [str(p) for p in check_parity(converted, example, onnx_path, ir_path, threads)]
 
