@@ -133,8 +133,9 @@ ACTIVATION_FUNCTIONS: tuple[Callable, ...] = (
 ACTIVATION_METHODS = (*RELU_METHODS, "sigmoid", "tanh", "sigmoid_", "tanh_")
 NONNEGATIVE_OUTPUT_MODULES = (*RELU_MODULES, nn.Sigmoid, nn.Hardsigmoid, nn.Softplus)
 NONNEGATIVE_OUTPUT_FUNCTIONS = (*RELU_FUNCTIONS, torch.sigmoid, F.sigmoid, F.hardsigmoid, F.softplus)
-# ops whose output is non-negative when all their tensor inputs are
-SIGN_PRESERVING_MODULES = (
+# pooling, resampling and pass-through layers: channel by channel, they commute with a positive
+# scale and keep the sign of their input
+POOL_AND_RESAMPLE_MODULES = (
     nn.MaxPool1d,
     nn.MaxPool2d,
     nn.MaxPool3d,
@@ -152,9 +153,10 @@ SIGN_PRESERVING_MODULES = (
     nn.UpsamplingBilinear2d,
     nn.Identity,
     nn.Flatten,
-    nn.PixelShuffle,
     *DROPOUT_MODULES,
 )
+# ops whose output is non-negative when all their tensor inputs are
+SIGN_PRESERVING_MODULES = (*POOL_AND_RESAMPLE_MODULES, nn.PixelShuffle)
 SIGN_PRESERVING_FUNCTIONS = (
     torch.cat,
     torch.concat,

@@ -60,28 +60,7 @@ TARGET_FRACTION = 0.75
 
 # ops that are positively homogeneous (f(s x) = s f(x) for s > 0) in their first argument,
 # channel by channel, so a scale factor passes through them unchanged
-_HOMOGENEOUS_MODULES: tuple[type[nn.Module], ...] = (
-    nn.ReLU,
-    nn.LeakyReLU,
-    nn.MaxPool1d,
-    nn.MaxPool2d,
-    nn.MaxPool3d,
-    nn.AvgPool1d,
-    nn.AvgPool2d,
-    nn.AvgPool3d,
-    nn.AdaptiveAvgPool1d,
-    nn.AdaptiveAvgPool2d,
-    nn.AdaptiveAvgPool3d,
-    nn.AdaptiveMaxPool1d,
-    nn.AdaptiveMaxPool2d,
-    nn.AdaptiveMaxPool3d,
-    nn.Upsample,
-    nn.UpsamplingNearest2d,
-    nn.UpsamplingBilinear2d,
-    nn.Identity,
-    nn.Flatten,
-    *g.DROPOUT_MODULES,
-)
+_HOMOGENEOUS_MODULES: tuple[type[nn.Module], ...] = (nn.ReLU, nn.LeakyReLU, *g.POOL_AND_RESAMPLE_MODULES)
 _HOMOGENEOUS_FUNCTIONS = (
     F.relu,
     torch.relu,
