@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from torch import fx, nn
 
 from qseg import graph as g
+from qseg.errors import RecipeError
 from qseg.recipes import INHERIT, QuantizerConfig, Recipe
 
 __all__ = ["ActDecision", "LayerDecision", "Plan", "plan"]
@@ -37,7 +38,10 @@ class ActDecision:
     that node's output, otherwise only the uses by the nodes named in ``before``
     (the ``conv_input`` placement). ``owner`` is the layer it serves (for
     overrides and the report), ``rule`` why it stands there, ``note`` any
-    adjustment (a signed grid where the value can be negative).
+    adjustment (a signed grid where the value can be negative). ``replaces`` names
+    the ReLU nodes removed because the quantizer is itself the activation function
+    (BNN's sign, TernaryNet's ternary tanh: a ReLU after them would erase their
+    negative level, and with it half of what a binary activation can say).
     """
 
     after: str
@@ -46,6 +50,8 @@ class ActDecision:
     owner: str | None = None
     before: tuple[str, ...] = ()
     note: str = ""
+    # ReLU nodes the quantizer replaces (a binary / ternary-tanh quantizer is the activation)
+    replaces: tuple[str, ...] = ()
 
 
 @dataclass
@@ -97,16 +103,26 @@ def _signed_if_needed(
     return config.as_signed(), f"signed: {why}"
 
 
+def _nonnegative(gm: fx.GraphModule, node: fx.Node, removed: frozenset[str]) -> bool:
+    # a ReLU that a quantizer replaces no longer clamps: its output is the quantizer's
+    return g.is_nonnegative(gm, node, dict.fromkeys(removed, False))
+
+
+def _display(node: fx.Node) -> str:
+    return str(node.target) if node.op == "call_module" else node.name
+
+
 def _after_norm_sites(gm: fx.GraphModule, decisions: list[LayerDecision], plan_: Plan) -> None:
     by_node = {d.layer.node: d for d in decisions}
     nodes = {n.name: n for n in gm.graph.nodes}
     feeds_weighted = g.weighted_downstream(gm, by_node)
-    sites: list[tuple[fx.Node, LayerDecision | None, str]] = []
+    # (node the quantizer follows, the layer it serves, rule, activation node it may replace)
+    sites: list[tuple[fx.Node, LayerDecision | None, str, fx.Node | None]] = []
     for node in gm.graph.nodes:
         if g.is_batch_norm(gm, node):
             source = node.args[0] if node.args else None
             owner = by_node.get(source.name) if isinstance(source, fx.Node) else None
-            sites.append((node, owner, "after BatchNorm"))
+            sites.append((node, owner, "after BatchNorm", None))
     for d in decisions:
         current = nodes[d.layer.node]
         site = None
@@ -121,13 +137,13 @@ def _after_norm_sites(gm: fx.GraphModule, decisions: list[LayerDecision], plan_:
                 site = user
             break
         if site is not None:
-            sites.append((site, d, "after activation (no BatchNorm)"))
+            sites.append((site, d, "after activation (no BatchNorm)", current))
         elif feeds_weighted[current.name] and not any(g.is_batch_norm(gm, u) for u in current.users):
             plan_.skipped.append(
                 f"{d.layer.name}: no activation quantizer (no BatchNorm or activation follows; "
                 f"its output feeds {', '.join(u.name for u in current.users) or 'nothing'})"
             )
-    for node, owner, rule in sites:
+    for node, owner, rule, before_activation in sites:
         label = owner.layer.name if owner else node.name
         if not feeds_weighted[node.name]:
             plan_.skipped.append(f"{label}: output reaches the model output without another weighted layer")
@@ -136,6 +152,12 @@ def _after_norm_sites(gm: fx.GraphModule, decisions: list[LayerDecision], plan_:
         if config is None:
             plan_.skipped.append(f"{label}: activations kept float by the recipe")
             continue
+        replaces: list[fx.Node] = []
+        if config.nonlinearity and before_activation is not None and g.is_relu(gm, node):
+            # the quantizer takes the ReLU's place instead of following it
+            replaces, node, rule = [node], before_activation, "in place of the activation (no BatchNorm)"
+        elif config.nonlinearity and rule == "after BatchNorm":
+            replaces = [u for u in node.users if g.is_relu(gm, u)]
         if rule == "after BatchNorm":
             users = list(node.users)
             negative = not users or not all(g.is_relu(gm, u) for u in users)
@@ -144,8 +166,19 @@ def _after_norm_sites(gm: fx.GraphModule, decisions: list[LayerDecision], plan_:
             negative = not g.is_nonnegative(gm, node)
             why = f"{node.name} can output negative values"
         config, note = _signed_if_needed(config, negative, why)
+        if replaces:
+            removed = ", ".join(_display(r) for r in replaces)
+            note = "; ".join(filter(None, (note, f"replaces {removed}: {config.label} is the activation")))
         plan_.activations.append(
-            ActDecision(node.name, config, rule, owner.layer.name if owner else None, (), note)
+            ActDecision(
+                node.name,
+                config,
+                rule,
+                owner.layer.name if owner else None,
+                (),
+                note,
+                tuple(r.name for r in replaces),
+            )
         )
     _off_grid_inputs(gm, decisions, plan_)
 
@@ -160,6 +193,7 @@ def _off_grid_inputs(gm: fx.GraphModule, decisions: list[LayerDecision], plan_: 
     """
     nodes = {n.name: n for n in gm.graph.nodes}
     grids = {a.after: a.config for a in plan_.activations if not a.before}
+    removed = _removed_relus(plan_)
     groups: dict[str, list[LayerDecision]] = {}
     for d in decisions:
         if d.weights is None or d.activations is None:
@@ -170,7 +204,7 @@ def _off_grid_inputs(gm: fx.GraphModule, decisions: list[LayerDecision], plan_: 
     for source, users in groups.items():
         config, note = _signed_if_needed(
             users[0].activations,
-            not g.is_nonnegative(gm, nodes[source]),
+            not _nonnegative(gm, nodes[source], removed),
             f"{source} can output negative values",
         )
         rule = f"on the input of a quantized layer ({source} is off the grid)"
@@ -206,6 +240,28 @@ def _conv_input_sites(gm: fx.GraphModule, decisions: list[LayerDecision], plan_:
         )
 
 
+def _removed_relus(plan_: Plan) -> frozenset[str]:
+    return frozenset(r for a in plan_.activations for r in a.replaces)
+
+
+def _check_nonlinearities(gm: fx.GraphModule, plan_: Plan) -> None:
+    """A binary or ternary-tanh activation needs an input that can be negative:
+    after a ReLU, sign is +1 everywhere and the ternary tanh loses its -1 level."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    removed = _removed_relus(plan_)
+    for a in plan_.activations:
+        if a.config.nonlinearity and _nonnegative(gm, nodes[a.after], removed):
+            where = f"the input of {a.owner}" if a.before else f"the output of {_display(nodes[a.after])}"
+            raise RecipeError(
+                f"activations: a {a.config.label} activation on {where}, which is never negative "
+                f"(it follows a ReLU or another non-negative op), would "
+                + ("be +1 everywhere" if a.config.kind == "binary" else "lose its -1 level")
+                + ". Binary and ternary-tanh activations replace the ReLU: place them after "
+                "BatchNorm (activation_placement: after_norm), or keep this layer's activations "
+                "float with an override (activations: null)"
+            )
+
+
 def plan(gm: fx.GraphModule, recipe: Recipe) -> Plan:
     """Every decision for ``gm`` under ``recipe`` (the graph is only read)."""
     decisions = _decide_layers(gm, recipe)
@@ -215,4 +271,5 @@ def plan(gm: fx.GraphModule, recipe: Recipe) -> Plan:
             _after_norm_sites(gm, decisions, result)
         else:
             _conv_input_sites(gm, decisions, result)
+        _check_nonlinearities(gm, result)
     return result

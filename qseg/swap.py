@@ -6,8 +6,8 @@ Decisions are taken on the module-level graph built from ``torch.export``
 the model: quantized layers change class in place (parameter names stay), an
 activation quantizer becomes the child ``act_quant`` of the module whose output
 it quantizes, called by a forward hook (or ``input_quant``, called by a forward
-pre-hook, for the ``conv_input`` placement), and dropout modules become
-``nn.Identity``.
+pre-hook, for the ``conv_input`` placement), and dropout modules, as well as
+the ReLUs a binary or ternary-tanh activation replaces, become ``nn.Identity``.
 """
 
 from __future__ import annotations
@@ -89,4 +89,39 @@ def apply_plan(model: nn.Module, graph_module: fx.GraphModule, plan: Plan) -> Pl
             module.add_module("act_quant", ActQuant(a.config.build(), a.rule))
             module.register_forward_hook(_quantize_output)
         applied.activations.append(replace(a, after=node.target))
+    _remove_replaced_relus(model, graph_module, plan, applied)
     return applied
+
+
+def _remove_replaced_relus(model: nn.Module, graph_module: fx.GraphModule, plan: Plan, applied: Plan) -> None:
+    """Swap the ReLU modules a binary / ternary-tanh quantizer replaces for ``nn.Identity``.
+
+    A module swap removes every call of the module, so a ReLU module also called
+    where no such quantizer precedes it stays, as does a functional ReLU; the
+    report's notes name them.
+    """
+    nodes = {n.name: n for n in graph_module.graph.nodes}
+    calls: dict[str, int] = {}
+    for node in graph_module.graph.nodes:
+        if node.op == "call_module":
+            calls[str(node.target)] = calls.get(str(node.target), 0) + 1
+    replaced: dict[str, int] = {}
+    for a in plan.activations:
+        for name in a.replaces:
+            node = nodes[name]
+            if node.op != "call_module":
+                applied.skipped.append(
+                    f"{name}: functional ReLU kept on the fallback path (it cannot be swapped "
+                    f"out); the {a.config.label} activation before it loses its negative level"
+                )
+                continue
+            replaced[str(node.target)] = replaced.get(str(node.target), 0) + 1
+    for target, count in replaced.items():
+        if count != calls[target]:
+            applied.skipped.append(
+                f"{target}: ReLU kept on the fallback path (also called where it replaces no "
+                "quantizer); a binary / ternary-tanh activation before it loses its negative level"
+            )
+            continue
+        parent, _, child = target.rpartition(".")
+        setattr(model.get_submodule(parent), child, nn.Identity())

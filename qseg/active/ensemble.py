@@ -60,10 +60,13 @@ def default_train(
         training: optimizer, schedule, loss, epochs and batch size.
         epochs: overrides ``training.epochs``.
         augment: random flips / transposes of each batch.
-        inq_portions: INQ's accumulated portions (a recipe's ``inq.portions``): training
-            then runs the model's power-of-two layers through a :class:`~qseg.inq.Schedule`
-            of these stages, ending with every such weight on its grid, as paper B's
-            suggestive FCNs are.
+        inq_portions: INQ's accumulated portions (a recipe's ``inq.portions``). INQ
+            quantizes a trained network, and the models of an ensemble start untrained:
+            the first half of the epochs train in float, the rest (at least one epoch per
+            stage, taken from the float half when the epochs are few) run the model's
+            power-of-two layers through a :class:`~qseg.inq.Schedule` of these stages, each
+            part with its own pass of the learning-rate schedule, ending with every such
+            weight on its grid, as paper B's suggestive FCNs are.
 
     Example:
         >>> import torch
@@ -81,16 +84,31 @@ def default_train(
             f"training must be a qseg.recipes.training.Training (e.g. a recipe's .training), "
             f"got {type(training).__name__}"
         )
-    schedule = None
-    if inq_portions is not None:
-        schedule = Schedule(model, inq_portions)
+    if inq_portions is None:
+        fit(model, images, masks, training, epochs=epochs, seed=seed, augment=augment, progress=False)
+        return model
+    schedule = Schedule(model, inq_portions)
+    total = training.epochs if epochs is None else epochs
+    # INQ quantizes a trained network: the float half comes first, the stages get the rest
+    stage_epochs = max(len(schedule.portions), total - total // 2)
+    if total > stage_epochs:
+        fit(
+            model,
+            images,
+            masks,
+            training,
+            epochs=total - stage_epochs,
+            seed=seed,
+            augment=augment,
+            progress=False,
+        )
     fit(
         model,
         images,
         masks,
         training,
-        epochs=epochs,
-        seed=seed,
+        epochs=stage_epochs,
+        seed=seed + 1,
         augment=augment,
         inq=schedule,
         progress=False,

@@ -22,7 +22,9 @@ def insert_act_quant(
     The quantizer module is named after the node it follows
     (``enc1_bn1_act_quant``). With ``decision.before`` empty every use of the
     node's output reads the quantized value (after BatchNorm, the following ReLU
-    and the skip connection alike); otherwise only the named consumers do.
+    and the skip connection alike); otherwise only the named consumers do. The
+    ReLU nodes named in ``decision.replaces`` are removed, their users reading the
+    quantized value (a binary or ternary-tanh quantizer is the activation itself).
     """
     if not inplace:
         gm = copy.deepcopy(gm)
@@ -38,6 +40,10 @@ def insert_act_quant(
                 nodes[consumer].replace_input_with(source, quantized)
         else:
             source.replace_all_uses_with(quantized, delete_user_cb=lambda user, q=quantized: user is not q)
+        for replaced in d.replaces:
+            # the ReLU's module stays: another call of a shared ReLU may still use it
+            nodes[replaced].replace_all_uses_with(quantized)
+            gm.graph.erase_node(nodes[replaced])
     gm.graph.lint()
     gm.recompile()
     return gm

@@ -32,15 +32,18 @@ class _Kind:
     # its grid is fixed (not a statistic of the tensor), so tensors that meet at
     # a concatenation or an addition share it: usable for activations
     fixed_grid: bool
+    # on activations it is the nonlinearity itself (BNN's sign, TernaryNet's ternary
+    # tanh): its negative level carries information that a ReLU after it would erase
+    nonlinearity: bool = False
 
 
 KINDS: dict[str, _Kind] = {
     "fixed_point": _Kind(FixedPoint, ("int_bits", "frac_bits"), ("signed", "overflow", "ste"), True),
     "power_of_two": _Kind(PowerOfTwo, ("bits",), (), False),
-    "binary": _Kind(Binary, (), ("scale",), True),
+    "binary": _Kind(Binary, (), ("scale",), True, nonlinearity=True),
     "dorefa": _Kind(DoReFa, ("bits",), (), False),
     "ternary": _Kind(Ternary, (), ("channel_axis",), False),
-    "ternary_tanh": _Kind(TernaryTanh, (), ("beta_start", "beta_end"), True),
+    "ternary_tanh": _Kind(TernaryTanh, (), ("beta_start", "beta_end"), True, nonlinearity=True),
 }
 
 
@@ -80,6 +83,18 @@ class QuantizerConfig:
     def fixed_grid(self) -> bool:
         """True when the grid does not depend on the data (usable for activations)."""
         return KINDS[self.kind].fixed_grid and self.params.get("scale", "none") == "none"
+
+    @property
+    def nonlinearity(self) -> bool:
+        """True when, on activations, the quantizer is the activation function itself
+        (``binary``: BNN's sign; ``ternary_tanh``: TernaryNet's), so that ``prepare``
+        removes the ReLU that follows it instead of keeping it.
+
+        Example:
+            >>> QuantizerConfig("binary").nonlinearity, QuantizerConfig("fixed_point", {"int_bits": 6, "frac_bits": 0}).nonlinearity
+            (True, False)
+        """
+        return KINDS[self.kind].nonlinearity
 
     @property
     def signed(self) -> bool:

@@ -19,6 +19,7 @@ from qseg.active import (
     AnnotationLoop,
     annotate_loop,
     default_train,
+    ensemble,
     train_ensemble,
 )
 from qseg.models import PaperUNet, TwoHeadFCN
@@ -270,3 +271,19 @@ def test_loop_errors_name_what_to_fix() -> None:
         empty.step()
     with pytest.raises(AnnotationError, match="rounds must be"):
         empty.run(0)
+
+
+def test_default_train_with_inq_trains_float_first_then_the_stages(monkeypatch) -> None:
+    calls = []
+
+    def record(*args, epochs, seed, inq=None, **kwargs):  # noqa: ARG001
+        calls.append((epochs, seed, None if inq is None else inq.stage))
+
+    monkeypatch.setattr(ensemble, "fit", record)
+    images, masks = blobs(4)
+    default_train(inq_net(), images, masks, seed=3, epochs=9, inq_portions=(0.5, 0.75, 1.0))
+    assert calls == [(4, 3, None), (5, 4, 0)]  # INQ quantizes a trained network
+    calls.clear()
+    # too few epochs for a float half: every epoch goes to the stages
+    default_train(inq_net(), images, masks, seed=3, epochs=3, inq_portions=(0.5, 0.75, 1.0))
+    assert calls == [(3, 4, 0)]
