@@ -235,6 +235,9 @@ def main() -> None:
         default=["unet-bnn=0.01"],
         help="extra rows: a built-in with another learning rate, as name=lr",
     )
+    parser.add_argument(
+        "--tune-epochs", type=int, default=None, help="fine-tuning epochs per recipe (default 4, --quick 2)"
+    )
     parser.add_argument("--sa-rounds", type=int, default=3)
     parser.add_argument("--skip-recipes", action="store_true")
     parser.add_argument("--progress", action="store_true")
@@ -243,7 +246,8 @@ def main() -> None:
     quick = args.quick
     args.widths = (8, 16, 32, 32) if quick else (16, 32, 64, 64)
     args.float_epochs = 4 if quick else 6
-    args.tune_epochs = 2 if quick else 4
+    if args.tune_epochs is None:
+        args.tune_epochs = 2 if quick else 4
     args.sa_widths = (8, 16, 16, 16)
     args.sa_start = 16
     args.sa_epochs = 4 if quick else 8
