@@ -11,8 +11,9 @@ default), the same number of threads everywhere (2 by default). The variants:
    ``qseg.exporters.openvino_form``: the integer Clip between Q and DQ stays);
 4. qseg IR, 8-bit recipes: Qa8.0/Qw0.7 (2 x 255 x 127 exceeds the int16 pair bound
    of AVX2 kernels without VNNI: ``qseg.convert`` warns) and Qa7.0/Qw0.7 (within it),
-   and Qa6.0/Qw0.4 with the first and last layers quantized too (NNCF's policy; it
-   quantizes the input image to integers, so it is a latency comparison only);
+   and the exact variant: Qa6.0/Qw0.4 with the first and last layers quantized too
+   (NNCF's policy) and the recipe's 8-bit input grid on [0, 1] (``unet-qa6.0-qw0.4-exact``),
+   integer from input to output;
 5. qseg IR with INT4 weight storage (Qa6.0/Qw0.3, ``weights="int4"``; qseg puts an
    explicit ``Convert(i4 -> i8)`` after each INT4 weight so the plugin runs int8
    kernels), and for comparison OpenVINO's plain conversion of the same ONNX;
@@ -26,7 +27,14 @@ from N(0, 0.3^2) clipped to [-1, 1], so that the fixed-point codes use their ran
 would make the parity checks trivial), and BatchNorm running statistics are the
 average over 20 train-mode forward passes on random inputs (``torch.no_grad``),
 computed for the float model before export and again for each prepared model.
-No QAT is run: latency does not depend on the weights' values.
+No QAT is run: latency does not depend on the weights' values. Inputs are uniform on
+[0, 1) (images scaled to [0, 1], as ``qseg.data`` does), for the BatchNorm statistics,
+the NNCF calibration and the timed input alike.
+
+Every OpenVINO variant is compiled by ``qseg.exporters.compile_openvino``: ``exact=True``
+(f32 float layers, accuracy mode) and, for the FP32 IR, the default and exact qseg IRs
+and NNCF's, also ``exact=False`` (the plugin's defaults: bf16 float layers on CPUs with
+AVX-512 BF16 or AMX). Parity is reported for both.
 
 Latency: every variant is compiled once, then each round runs every variant once
 (round-robin, the starting variant rotating every round, a short pause between
@@ -81,8 +89,8 @@ from torch import nn
 
 import qseg
 from qseg.exporters import check_parity, openvino_from_onnx, runtime_precisions
-from qseg.exporters.parity import onnxruntime_ops, run_onnxruntime, run_openvino
 from qseg.models import PaperUNet
+from qseg.runtime import compile_openvino, cpu_features, onnxruntime_ops, run_onnxruntime, run_openvino
 
 SEED = 0
 BN_PASSES = 20
@@ -164,7 +172,7 @@ def populate_batchnorm(model: nn.Module, size: int, seed: int) -> None:
     model.train()
     with torch.no_grad():
         for _ in range(BN_PASSES):
-            model(torch.randn(1, 1, size, size, generator=gen))
+            model(torch.rand(1, 1, size, size, generator=gen))
     for m, momentum in zip(norms, momenta, strict=True):
         m.momentum = momentum
     model.eval()
@@ -172,12 +180,13 @@ def populate_batchnorm(model: nn.Module, size: int, seed: int) -> None:
 
 def recipe(act_bits: int, weight_frac_bits: int, every_layer: bool = False) -> dict:
     """The default recipe with unsigned Q<act_bits>.0 activations and Q0.<frac> weights;
-    ``every_layer`` quantizes the first and last layers too (NNCF's policy), which puts a
-    signed Q<act_bits>.0 quantizer on the input image: for latency comparisons only."""
+    ``every_layer`` quantizes the first and last layers too (NNCF's policy) and puts the
+    exact recipe's unsigned 8-bit input grid on [0, 1] before the first layer."""
     spec = qseg.recipes.load("unet-qa6.0-qw0.4").to_dict()
-    spec["name"] = f"unet-qa{act_bits}.0-qw0.{weight_frac_bits}" + ("-every-layer" if every_layer else "")
+    spec["name"] = f"unet-qa{act_bits}.0-qw0.{weight_frac_bits}" + ("-exact" if every_layer else "")
     if every_layer:
         spec["keep_float"] = {"first": False, "last": False}
+        spec["input"] = qseg.recipes.load("unet-qa6.0-qw0.4-exact").input.to_dict()
     spec["weights"] = {"kind": "fixed_point", "int_bits": 0, "frac_bits": weight_frac_bits}
     spec["activations"] = {"kind": "fixed_point", "int_bits": act_bits, "frac_bits": 0, "signed": False}
     return spec
@@ -228,7 +237,7 @@ def nncf_int8_ir(fp32_xml: Path, size: int, out: Path) -> Path:
     import openvino as ov
 
     rng = np.random.default_rng(SEED + 3)
-    data = [rng.standard_normal((1, 1, size, size), dtype=np.float32) for _ in range(CALIBRATION_SAMPLES)]
+    data = [rng.random((1, 1, size, size), dtype=np.float32) for _ in range(CALIBRATION_SAMPLES)]
     quantized = nncf.quantize(ov.Core().read_model(str(fp32_xml)), nncf.Dataset(data))
     path = out / "nncf-int8.xml"
     ov.save_model(quantized, str(path), compress_to_fp16=False)
@@ -238,9 +247,9 @@ def nncf_int8_ir(fp32_xml: Path, size: int, out: Path) -> Path:
 # ---------------------------------------------------------------- inspection
 
 
-def ov_kernels(xml: Path, threads: int) -> str:
+def ov_kernels(xml: Path, threads: int, exact: bool = True) -> str:
     """'13 u8 + 2 f32': the runtime precisions of the compiled model's convolutions."""
-    counts = Counter(p.precision for p in runtime_precisions(xml, threads))
+    counts = Counter(p.precision for p in runtime_precisions(xml, threads, exact=exact))
     return " + ".join(f"{n} {precision}" for precision, n in counts.most_common())
 
 
@@ -319,11 +328,11 @@ def torch_runner(model: nn.Module, x: torch.Tensor) -> Callable[[], object]:
     return run
 
 
-def openvino_runner(xml: Path, x: np.ndarray, threads: int) -> Callable[[], object]:
+def openvino_runner(xml: Path, x: np.ndarray, threads: int, exact: bool = True) -> Callable[[], object]:
     import openvino as ov
 
-    config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
-    compiled = ov.Core().compile_model(str(xml), "CPU", config)
+    config = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
+    compiled = compile_openvino(xml, threads=threads, exact=exact, config=config)
     request = compiled.create_infer_request()
     request.set_input_tensor(ov.Tensor(x))
     return request.infer
@@ -429,26 +438,19 @@ def print_table(variants: list[Variant], fp32_weight_bytes: int) -> None:
     )
 
 
-def parity_line(e: QsegExport, x: torch.Tensor, threads: int, ir_path: Path | None = None) -> str:
-    """check_parity's verdict per runtime, the share of outputs within one step, and how
-    far the two runtimes are from each other."""
+def parity_line(
+    e: QsegExport, x: torch.Tensor, threads: int, ir_path: Path | None = None, exact: bool = True
+) -> str:
+    """check_parity's verdict per runtime (OpenVINO compiled with ``exact``), and how far
+    the two runtimes are from each other."""
     onnx_path = None if ir_path else e.onnx_path
     ir_path = ir_path or e.xml_path
-    results = check_parity(e.converted, x, onnx_path, ir_path, threads)
-    with torch.no_grad():
-        expected = e.converted(x).numpy()
-    outputs = {}
+    results = check_parity(e.converted, x, onnx_path, ir_path, threads, exact=exact)
+    parts = [str(r) for r in results]
     if onnx_path is not None:
-        outputs["onnxruntime"] = run_onnxruntime(onnx_path, (x,), threads)[0]
-    outputs["openvino"] = run_openvino(ir_path, (x,), threads)[0]
-    parts = []
-    for r in results:
-        within = float(np.mean(np.abs(outputs[r.runtime] - expected) <= r.step))
-        parts.append(f"{r}, {100 * within:.2f}% of outputs within one step")
-    if len(outputs) == 2:
-        parts.append(
-            f"|onnxruntime - openvino| max {np.abs(outputs['onnxruntime'] - outputs['openvino']).max():.3g}"
-        )
+        ort = run_onnxruntime(onnx_path, (x,), threads)[0]
+        ov = run_openvino(ir_path, (x,), threads, exact=exact)[0]
+        parts.append(f"|onnxruntime - openvino| max {np.abs(ort - ov).max():.3g}")
     return "; ".join(parts)
 
 
@@ -457,10 +459,8 @@ def profile_openvino(
 ) -> dict[tuple[str, str], float]:
     """Mean ms per (op type, kernel) over ``iterations`` runs after one warm-up run,
     from OpenVINO's per-node performance counters."""
-    import openvino as ov
-
-    config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY", "PERF_COUNT": True}
-    request = ov.Core().compile_model(str(xml), "CPU", config).create_infer_request()
+    config = {"PERFORMANCE_HINT": "LATENCY", "PERF_COUNT": True}
+    request = compile_openvino(xml, threads=threads, config=config).create_infer_request()
     request.infer({0: x})
     totals: Counter[tuple[str, str]] = Counter()
     for _ in range(iterations):
@@ -496,12 +496,11 @@ def investigate_int4(int4_xml: Path, int4_onnx: Path, plain_xml: Path, threads: 
         f"  OpenVINO's plain conversion of the same ONNX: conv kernels {ov_kernels(plain_xml, threads)}",
         f"  the INT4 ONNX read directly by OpenVINO (no IR): {ov_kernels(int4_onnx, threads)}",
     ]
-    core = ov.Core()
-    model = core.read_model(str(plain_xml))
+    model = ov.Core().read_model(str(plain_xml))
     for hint in ("bf16", "f16", "i8"):
         try:
-            compiled = core.compile_model(
-                model, "CPU", {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": hint}
+            compiled = compile_openvino(
+                model, threads=threads, exact=False, config={"INFERENCE_PRECISION_HINT": hint}
             )
         except Exception as exc:
             reason = next((s for s in str(exc).splitlines() if "Supported values" in s), str(exc)[:100])
@@ -540,7 +539,8 @@ def main() -> None:
 
     print(f"# {versions()}")
     print(
-        f"# CPU: {cpu_name()} ({os.cpu_count()} logical CPUs; flags: {cpu_flags()}), {args.threads} threads"
+        f"# CPU: {cpu_name()} ({os.cpu_count()} logical CPUs; flags: {cpu_flags()}; OpenVINO bf16: "
+        f"{cpu_features().bf16}), {args.threads} threads"
     )
     print(
         f"# PaperUNet, input 1x1x{args.size}x{args.size}, median of {args.runs} interleaved rounds "
@@ -549,7 +549,7 @@ def main() -> None:
     started = time.perf_counter()
     load_start = os.getloadavg()[0]
 
-    x = torch.randn(1, 1, args.size, args.size, generator=torch.Generator().manual_seed(SEED + 4))
+    x = torch.rand(1, 1, args.size, args.size, generator=torch.Generator().manual_seed(SEED + 4))
     x_np = x.numpy()
     model = trained_looking_unet(args.size)
     fp32_weight_bytes = conv_weight_bytes_fp32(model)
@@ -560,7 +560,7 @@ def main() -> None:
         "qa6w4": export_qseg(model, recipe(6, 4), "Qa6.0/Qw0.4", x, out),
         "qa8w7": export_qseg(model, recipe(8, 7), "Qa8.0/Qw0.7", x, out),
         "qa7w7": export_qseg(model, recipe(7, 7), "Qa7.0/Qw0.7", x, out),
-        "every": export_qseg(model, recipe(6, 4, every_layer=True), "Qa6.0/Qw0.4 all int8", x, out),
+        "every": export_qseg(model, recipe(6, 4, every_layer=True), "exact (all int8)", x, out),
         "int4": export_qseg(model, recipe(6, 3), "Qa6.0/Qw0.3 INT4", x, out, weights="int4"),
     }
     plain_int4_xml = plain_openvino_ir(exports["int4"].onnx_path, out / "unet-qa6.0-qw0.3-int4-plain.xml")
@@ -570,12 +570,12 @@ def main() -> None:
     nncf_xml = nncf_int8_ir(float_xml, args.size, out)
     print(f"# models built and exported in {time.perf_counter() - started:.0f} s")
 
-    def ov_variant(name: str, xml: Path) -> Variant:
+    def ov_variant(name: str, xml: Path, exact: bool = True) -> Variant:
         return Variant(
             name,
             "openvino",
-            openvino_runner(xml, x_np, args.threads),
-            ov_kernels(xml, args.threads),
+            openvino_runner(xml, x_np, args.threads, exact),
+            ov_kernels(xml, args.threads, exact),
             file_size(xml),
             ov_weight_bytes(xml),
         )
@@ -593,14 +593,18 @@ def main() -> None:
     variants = [
         Variant("PyTorch eager FP32", "torch", torch_runner(model, x), weight_bytes=fp32_weight_bytes),
         ov_variant("OpenVINO FP32 IR", float_xml),
+        ov_variant("  same, exact=False", float_xml, exact=False),
         ov_variant("qseg IR Qa6.0/Qw0.4 (default)", exports["qa6w4"].xml_path),
+        ov_variant("  same, exact=False", exports["qa6w4"].xml_path, exact=False),
         ov_variant("  same ONNX, plain conversion (no openvino_form)", unfused_xml),
         ov_variant("qseg IR Qa8.0/Qw0.7", exports["qa8w7"].xml_path),
         ov_variant("qseg IR Qa7.0/Qw0.7", exports["qa7w7"].xml_path),
-        ov_variant("qseg IR Qa6.0/Qw0.4, first + last int8 too", exports["every"].xml_path),
+        ov_variant("qseg IR exact (input grid, first + last int8)", exports["every"].xml_path),
+        ov_variant("  same, exact=False", exports["every"].xml_path, exact=False),
         ov_variant("qseg IR Qa6.0/Qw0.3 INT4 weights", exports["int4"].xml_path),
         ov_variant("  same, OpenVINO's plain conversion", plain_int4_xml),
         ov_variant("NNCF int8 IR (defaults)", nncf_xml),
+        ov_variant("  same, exact=False", nncf_xml, exact=False),
         ort_variant("onnxruntime FP32", float_onnx),
         ort_variant("onnxruntime qseg QDQ Qa6.0/Qw0.4", exports["qa6w4"].onnx_path),
     ]
@@ -610,9 +614,13 @@ def main() -> None:
     print_table(variants, fp32_weight_bytes)
 
     print()
-    print("## parity: max |diff| against the converted PyTorch model (tolerance: one activation step)")
+    print(
+        "## parity against the converted PyTorch model (qseg.exporters.check_parity; OpenVINO "
+        "compiled exact=True, then exact=False)"
+    )
     for e in exports.values():
         print(f"  {e.label:<18} {parity_line(e, x, args.threads)}")
+        print(f"  {'  exact=False':<18} {parity_line(e, x, args.threads, exact=False)}")
     print(f"  {'INT4 plain IR':<18} {parity_line(exports['int4'], x, args.threads, ir_path=plain_int4_xml)}")
     print(
         f"  {'Qa6.0/Qw0.4 plain':<18} {parity_line(exports['qa6w4'], x, args.threads, ir_path=unfused_xml)}"
@@ -639,7 +647,7 @@ def main() -> None:
         f"qseg / NNCF = {vs_nncf:.3f} (medians {qseg_v.median_ms:.1f} vs {nncf_v.median_ms:.1f} ms, "
         f"min {qseg_v.min_ms:.1f} vs {nncf_v.min_ms:.1f} ms; Qa8.0/Qw0.7: {q8_v.ratio(nncf_v):.3f})"
     )
-    every = by_name["qseg IR Qa6.0/Qw0.4, first + last int8 too"]
+    every = by_name["qseg IR exact (input grid, first + last int8)"]
     unfused = by_name["  same ONNX, plain conversion (no openvino_form)"]
     print(
         f"        same policy as NNCF (all 15 convs int8): qseg / NNCF = {every.ratio(nncf_v):.3f}; "
@@ -650,6 +658,18 @@ def main() -> None:
         f"  {verdict(speedup >= GOAL_SPEEDUP)}  qseg int8 IR >= {GOAL_SPEEDUP}x faster than FP32 IR: "
         f"{speedup:.2f}x (min/min {fp32.min_ms / qseg_v.min_ms:.2f}x; Qa8.0/Qw0.7 {1 / q8_v.ratio(fp32):.2f}x, "
         f"NNCF {1 / nncf_v.ratio(fp32):.2f}x)"
+    )
+    pairs = [(variants[i - 1], v) for i, v in enumerate(variants) if v.name == "  same, exact=False"]
+    print(
+        "        exact=False / exact=True latency (below 1: what pinning f32 costs on this CPU): "
+        + ", ".join(f"{exact.name.strip()} {loose.ratio(exact):.3f}" for exact, loose in pairs)
+    )
+    exact_results = check_parity(
+        exports["every"].converted, x, exports["every"].onnx_path, exports["every"].xml_path, args.threads
+    )
+    print(
+        f"  {verdict(all(r.exact for r in exact_results))}  exact variant bit-exact in both runtimes "
+        f"(OpenVINO exact=True): {'; '.join(str(r) for r in exact_results)}"
     )
     print(
         f"  {verdict(int4_ratio <= GOAL_INT4_RATIO)}  4-bit weights <= {GOAL_INT4_RATIO}x FP32 weight bytes: "

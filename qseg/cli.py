@@ -136,7 +136,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             f"the demo needs packages that are not installed ({exc.name}); "
             'install them with: pip install "qseg[demo]"'
         ) from exc
-    result = demo.run(out=Path(args.out), seed=args.seed, fast=args.fast, threads=args.threads)
+    result = demo.run(
+        out=Path(args.out), seed=args.seed, fast=args.fast, threads=args.threads, recipe=args.recipe
+    )
     print(result.table)
     print(f"figure: {result.figure}")
     return 0
@@ -339,6 +341,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--fast", action="store_true", help="a short run (fewer images and steps) to try it out"
     )
     demo.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads (default: torch's)")
+    demo.add_argument(
+        "--recipe",
+        default=DEFAULT,
+        metavar="NAME",
+        help=f"built-in recipe to quantize with (default: {DEFAULT}; unet-qa6.0-qw0.4-exact deploys bit-exact)",
+    )
     demo.set_defaults(run=_cmd_demo)
 
     recipes = commands.add_parser(

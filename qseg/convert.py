@@ -332,6 +332,13 @@ def _freeze_layer(
         report.warnings.append(
             f"{name}: 2 x {max_act} x {max_w} exceeds 32767; AVX2 int8 kernels without VNNI may saturate"
         )
+    if in_grid[1] < 0 and max_act <= 127 and bool((codes.remainder(2) != 0).any()):
+        report.warnings.append(
+            f"{name}: reads a signed int8 grid; on CPUs without VNNI, OpenVINO's int8 kernels halve "
+            "the weight codes of such a conv (oneDNN's guard against int16 overflow), so its odd "
+            "codes lose their last bit there and parity is lost; an unsigned grid (an input range "
+            "starting at 0) is exact on every CPU"
+        )
     if max_act * max_w * fan_in >= EXACT_ACCUMULATOR:
         report.warnings.append(f"{name}: the accumulator may exceed 2^24; float32 parity is not exact")
     return frozen
@@ -476,7 +483,10 @@ def _convert_fallback(qmodel: nn.Module, inputs: tuple) -> nn.Module:
                 module.add_module(child, frozen)
     # a module's output is on a grid when its forward hook quantizes it
     grids: dict[str, tuple[float, int, int]] = {}
+    own_input = model._modules.get("input_quant")  # the recipe's input grid
     for node in graph.graph.nodes:
+        if node.op == "placeholder" and isinstance(own_input, FrozenActQuant):
+            grids[node.name] = (own_input.scale, own_input.qmin, own_input.qmax)
         if node.op == "call_module":
             quantizer = model.get_submodule(node.target)._modules.get("act_quant")
             if isinstance(quantizer, FrozenActQuant):

@@ -361,13 +361,23 @@ def capture(
     return Capture(gm)
 
 
+# qseg's and torch's own files, by where they are installed: a user's project may well live
+# in a folder named qseg or torch, and its frames must still count as the user's
+_LIBRARY_DIRS = tuple(os.path.dirname(os.path.realpath(f)) + os.sep for f in (torch.__file__, __file__))
+
+
+def _is_user_file(filename: str) -> bool:
+    if filename.startswith("<"):  # FX's generated forward (<eval_with_key>), exec'd strings
+        return False
+    return not os.path.realpath(filename).startswith(_LIBRARY_DIRS)
+
+
 def user_frame(exc: BaseException) -> str:
     """``file:line in function`` of the deepest frame of ``exc`` in the user's code
     (not in torch or qseg), or an empty string."""
     import traceback
 
-    skip = (os.sep + "torch" + os.sep, os.sep + "qseg" + os.sep, "<eval_with_key>", "<string>")
-    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not any(k in f.filename for k in skip)]
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if _is_user_file(f.filename)]
     cause = exc.__cause__ or exc.__context__
     if not frames and cause is not None and cause is not exc:
         return user_frame(cause)

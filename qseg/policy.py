@@ -214,6 +214,7 @@ def _off_grid_inputs(gm: fx.GraphModule, decisions: list[LayerDecision], plan_: 
 
 def _conv_input_sites(gm: fx.GraphModule, decisions: list[LayerDecision], plan_: Plan) -> None:
     nodes = {n.name: n for n in gm.graph.nodes}
+    grids = {a.after: a.config for a in plan_.activations if not a.before}  # the input grid
     groups: dict[str, list[LayerDecision]] = {}
     for d in decisions:
         if d.weights is None:
@@ -222,6 +223,8 @@ def _conv_input_sites(gm: fx.GraphModule, decisions: list[LayerDecision], plan_:
             plan_.skipped.append(f"{d.layer.name}: activations kept float by the recipe")
             continue
         source = nodes[d.layer.node].args[0]
+        if g.grid_of(gm, source, grids) is not None:
+            continue  # reads the input grid already
         groups.setdefault(source.name, []).append(d)
     for source, users in groups.items():
         config = users[0].activations
@@ -262,10 +265,23 @@ def _check_nonlinearities(gm: fx.GraphModule, plan_: Plan) -> None:
             )
 
 
+def _input_sites(gm: fx.GraphModule, recipe: Recipe, plan_: Plan) -> None:
+    """The recipe's input grid on every input of the model: the first layer then reads
+    integer codes, as an integer runtime does."""
+    grid = recipe.input
+    lo, hi = grid.range
+    rule = f"input grid (recipe input: {grid.bits} bits covering [{lo:g}, {hi:g}])"
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            plan_.activations.append(ActDecision(node.name, grid.config, rule))
+
+
 def plan(gm: fx.GraphModule, recipe: Recipe) -> Plan:
     """Every decision for ``gm`` under ``recipe`` (the graph is only read)."""
     decisions = _decide_layers(gm, recipe)
     result = Plan(decisions, default_activations=recipe.activations)
+    if recipe.input is not None:
+        _input_sites(gm, recipe, result)
     if recipe.activations is not None or any(d.activations is not None for d in decisions):
         if recipe.activation_placement == "after_norm":
             _after_norm_sites(gm, decisions, result)

@@ -6,7 +6,8 @@ Decisions are taken on the module-level graph built from ``torch.export``
 the model: quantized layers change class in place (parameter names stay), an
 activation quantizer becomes the child ``act_quant`` of the module whose output
 it quantizes, called by a forward hook (or ``input_quant``, called by a forward
-pre-hook, for the ``conv_input`` placement), and dropout modules, as well as
+pre-hook, for the ``conv_input`` placement; the recipe's input grid is the model's own
+``input_quant``, applied to every tensor input), and dropout modules, as well as
 the ReLUs a binary or ternary-tanh activation replaces, become ``nn.Identity``.
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import torch
 from torch import fx, nn
 
 from qseg import graph as g
@@ -29,6 +31,10 @@ def _quantize_output(module: nn.Module, args: tuple, output: object) -> object: 
 
 def _quantize_input(module: nn.Module, args: tuple) -> tuple:
     return (module.input_quant(args[0]), *args[1:])
+
+
+def _quantize_model_inputs(module: nn.Module, args: tuple) -> tuple:
+    return tuple(module.input_quant(a) if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
 
 
 def strip_dropout_modules(model: nn.Module) -> list[str]:
@@ -79,6 +85,13 @@ def apply_plan(model: nn.Module, graph_module: fx.GraphModule, plan: Plan) -> Pl
                 applied.activations.append(replace(a, before=tuple(consumers)))
             continue
         node = nodes[a.after]
+        if node.op == "placeholder":
+            # the recipe's input grid: one quantizer on the model itself, for every tensor input
+            if not hasattr(model, "input_quant"):
+                model.add_module("input_quant", ActQuant(a.config.build(), a.rule))
+                model.register_forward_pre_hook(_quantize_model_inputs)
+            applied.activations.append(a)
+            continue
         if node.op != "call_module":
             applied.skipped.append(
                 f"{a.after}: no activation quantizer after a function call on the fallback path"

@@ -44,11 +44,11 @@ def test_runtimes_reproduce_the_converted_model(result):
     # flip the sign of a logit within ~1e-6 of 0: a pixel or two
     assert abs(rows["onnxruntime QDQ"]["dice"] - converted) < 1e-3
     assert abs(rows["OpenVINO IR"]["dice"] - converted) < 1e-3
-    checks, agreement = result.parity[:2], result.parity[2:]
-    assert len(checks) == 2 and all(p.endswith("ok") for p in checks)
-    assert len(agreement) == 2
-    for line in agreement:
-        assert float(line.split(": ")[1].split("%")[0]) >= 99.9, line
+    assert [p.runtime for p in result.parity] == ["onnxruntime", "openvino"]
+    for p in result.parity:
+        assert p.ok, p
+        assert p.same_class >= 0.999, p
+        assert str(p) in result.table and "MISMATCH" not in result.table
 
 
 def test_table_reports_sizes_and_latency(result):

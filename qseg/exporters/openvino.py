@@ -1,52 +1,22 @@
-"""OpenVINO IR export, and what the CPU plugin really executes.
+"""OpenVINO IR export: qseg's QDQ ONNX, rewritten into the form OpenVINO fuses
+(:mod:`qseg.exporters.openvino_rewrite`), converted and saved without FP16 compression.
 
-The QDQ ONNX file (:func:`qseg.export_onnx`) is written for onnxruntime: every
-activation quantizer is ``QuantizeLinear -> integer Clip -> DequantizeLinear``,
-the form its QLinearConv fusion needs. OpenVINO turns that Clip into a Convert,
-a Clamp and a Convert back that its low-precision passes cannot fuse into the
-convolutions (measured: about 12 % of the U-Net's latency). So the IR is
-converted from a copy of the ONNX graph rewritten in three exact steps
-(:func:`openvino_form`):
-
-1. a quantizer after a ``Concat`` moves onto the Concat's inputs that are not on
-   its grid already (the skip connection of a U-Net is): quantizing element-wise
-   commutes with concatenation;
-2. a quantizer whose input already lies on its grid (the output of an identical
-   quantizer, through MaxPool, Relu or Concat) is dropped: it is the identity there;
-3. on grids whose lowest stored code is the zero point (unsigned activations with
-   zero point 0: every built-in fixed-point recipe), the integer Clip moves before
-   the QuantizeLinear as a float Clip on ``[(lo - zp) * s, (hi - zp) * s]``:
-   rounding is monotone and the bounds lie on the grid, so clamping before or
-   after rounding gives the same codes.
-
-OpenVINO reads each ``Clip -> Q -> DQ`` as a Clamp and one FakeQuantize from 0,
-and fuses both into the producing convolution, as it does for NNCF's models.
-Other grids (signed codes) keep the integer Clip: OpenVINO would read their
-``Q -> DQ`` as a FakeQuantize whose input range starts below 0, and computing
-``x - low`` in float32 moves values next to a rounding tie onto it (measured).
-"""
+Running the IR is :func:`qseg.exporters.compile_openvino`'s job
+(:mod:`qseg.runtime.openvino`)."""
 
 from __future__ import annotations
 
 import os
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
 from qseg.errors import ExportError
+from qseg.exporters.openvino_rewrite import openvino_form
 
-__all__ = [
-    "LayerPrecision",
-    "OpenVINOForm",
-    "export_openvino",
-    "openvino_form",
-    "openvino_from_onnx",
-    "runtime_precisions",
-]
+__all__ = ["export_openvino", "openvino_from_onnx"]
 
 
 def export_openvino(
@@ -115,7 +85,7 @@ def openvino_from_onnx(
         >>> with tempfile.TemporaryDirectory() as tmp:
         ...     onnx_file = qseg.export_onnx(converted, x, f"{tmp}/net.onnx")
         ...     xml = openvino_from_onnx(onnx_file, f"{tmp}/net.xml")
-        ...     [p.precision for p in runtime_precisions(xml)]  # first and last layers stay float
+        ...     [p.precision for p in qseg.exporters.runtime_precisions(xml)]  # first and last stay float
         ['f32', 'u8', 'f32']
     """
     import onnx
@@ -141,283 +111,6 @@ def openvino_from_onnx(
     return path
 
 
-# ---- the OpenVINO form of a QDQ graph ---------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class OpenVINOForm:
-    """What :func:`openvino_form` changed: quantizers moved onto a Concat's inputs,
-    quantizers dropped (their input was on their grid), and integer Clips moved
-    before their QuantizeLinear (grids whose lowest code is the zero point).
-
-    Example:
-        >>> OpenVINOForm(moved_through_concat=3, dropped=13, clips_moved=17).dropped
-        13
-    """
-
-    moved_through_concat: int
-    dropped: int
-    clips_moved: int
-
-
-@dataclass(frozen=True)
-class _Chain:
-    """``QuantizeLinear -> Clip -> DequantizeLinear`` with scalar constant parameters."""
-
-    q: object  # onnx.NodeProto
-    clip: object
-    dq: object
-    scale: float
-    zero: int
-    lo: int
-    hi: int
-
-    def keeps(self, other: tuple[float, int, int, int] | None) -> bool:
-        """Whether values on the grid ``other`` pass through this quantizer unchanged."""
-        return (
-            other is not None
-            and (other[0], other[1]) == (self.scale, self.zero)
-            and self.lo <= other[2]
-            and other[3] <= self.hi
-        )
-
-
-class _QdqGraph:
-    """The nodes of an ONNX graph as a Python list (protobuf's repeated fields copy
-    on insert), with the maps the rewrite needs; ``commit`` writes them back."""
-
-    def __init__(self, proto) -> None:
-        from onnx import numpy_helper
-
-        self.proto = proto
-        self.nodes = list(proto.graph.node)
-        self.constants = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
-        for node in self.nodes:
-            if node.op_type == "Constant":
-                value = next((a.t for a in node.attribute if a.name == "value"), None)
-                if value is not None:
-                    self.constants[node.output[0]] = numpy_helper.to_array(value)
-        self.graph_outputs = {o.name for o in proto.graph.output}
-        self.refresh()
-
-    def refresh(self) -> None:
-        self.producer = {out: n for n in self.nodes for out in n.output}
-        self.users: dict[str, list] = {}
-        for node in self.nodes:
-            for name in node.input:
-                self.users.setdefault(name, []).append(node)
-
-    def scalar(self, name: str) -> np.ndarray | None:
-        value = self.constants.get(name)
-        return value.reshape(()) if value is not None and value.size == 1 else None
-
-    def only_user(self, name: str, op_type: str):
-        users = self.users.get(name, [])
-        if len(users) == 1 and users[0].op_type == op_type and name not in self.graph_outputs:
-            return users[0]
-        return None
-
-    def chains(self) -> list[_Chain]:
-        found = []
-        for q in self.nodes:
-            if q.op_type != "QuantizeLinear" or len(q.input) < 3:
-                continue
-            clip = self.only_user(q.output[0], "Clip")
-            dq = clip and self.only_user(clip.output[0], "DequantizeLinear")
-            if dq is None or len(dq.input) < 3 or len(clip.input) < 3:
-                continue
-            params = [self.scalar(n) for n in (*q.input[1:3], *clip.input[1:3], *dq.input[1:3])]
-            if any(p is None for p in params):
-                continue
-            scale, zero, lo, hi, dq_scale, dq_zero = params
-            if scale != dq_scale or zero != dq_zero:
-                continue
-            found.append(_Chain(q, clip, dq, float(scale), int(zero), int(lo), int(hi)))
-        return found
-
-    def grid(self, name: str, by_output: dict[str, _Chain]) -> tuple[float, int, int, int] | None:
-        """The grid ``(scale, zero, lo, hi)`` the value ``name`` provably lies on: a
-        quantizer's output, through MaxPool (selects values), Relu (maps codes below
-        the zero point to it) and Concat (of one grid)."""
-        if name in by_output:
-            c = by_output[name]
-            return (c.scale, c.zero, c.lo, c.hi)
-        node = self.producer.get(name)
-        if node is None:
-            return None
-        if node.op_type == "MaxPool" and len(node.output) == 1:
-            return self.grid(node.input[0], by_output)
-        if node.op_type == "Relu":
-            below = self.grid(node.input[0], by_output)
-            if below is None:
-                return None
-            scale, zero, lo, hi = below
-            return (scale, zero, max(lo, zero), max(hi, zero))  # code zp is the value 0
-        if node.op_type == "Concat":
-            grids = [self.grid(i, by_output) for i in node.input]
-            if any(g is None for g in grids) or len({g[:2] for g in grids}) != 1:
-                return None
-            return (*grids[0][:2], min(g[2] for g in grids), max(g[3] for g in grids))
-        return None
-
-    def bypass(self, chain: _Chain, source: str) -> None:
-        """Remove ``chain``; its consumers read ``source`` instead."""
-        doomed = {id(chain.q), id(chain.clip), id(chain.dq)}
-        self.nodes = [n for n in self.nodes if id(n) not in doomed]
-        for node in self.nodes:
-            for i, name in enumerate(node.input):
-                if name == chain.dq.output[0]:
-                    node.input[i] = source
-        self.refresh()
-
-    def commit(self) -> None:
-        """Write the nodes back, without the constants nothing reads any more."""
-        read = {name for n in self.nodes for name in n.input} | self.graph_outputs
-        read |= {i.name for i in self.proto.graph.input}  # an initializer listed as an input stays
-        nodes = [n for n in self.nodes if n.op_type != "Constant" or n.output[0] in read]
-        del self.proto.graph.node[:]
-        self.proto.graph.node.extend(nodes)
-        kept = [i for i in self.proto.graph.initializer if i.name in read]
-        del self.proto.graph.initializer[:]
-        self.proto.graph.initializer.extend(kept)
-
-
-def _push_one_through_concat(graph: _QdqGraph) -> bool:
-    from onnx import helper
-
-    for chain in graph.chains():
-        concat = graph.producer.get(chain.q.input[0])
-        if (
-            concat is None
-            or concat.op_type != "Concat"
-            or graph.only_user(concat.output[0], "QuantizeLinear") is not chain.q
-            or chain.dq.output[0] in graph.graph_outputs
-        ):
-            continue
-        by_output = {c.dq.output[0]: c for c in graph.chains()}
-        if chain.keeps(graph.grid(concat.output[0], by_output)):
-            continue  # every input on the grid already: the quantizer is dropped later
-        added = []
-        for k, name in enumerate(concat.input):
-            if chain.keeps(graph.grid(name, by_output)):
-                continue
-            stem = f"{chain.dq.output[0]}__input{k}"
-            added += [
-                helper.make_node(
-                    "QuantizeLinear", [name, *chain.q.input[1:]], [f"{stem}_q"], name=f"{stem}_q"
-                ),
-                helper.make_node(
-                    "Clip", [f"{stem}_q", *chain.clip.input[1:]], [f"{stem}_c"], name=f"{stem}_c"
-                ),
-                helper.make_node("DequantizeLinear", [f"{stem}_c", *chain.dq.input[1:]], [stem], name=stem),
-            ]
-            concat.input[k] = stem
-        at = graph.nodes.index(concat)
-        graph.nodes[at:at] = added
-        graph.bypass(chain, concat.output[0])
-        return True
-    return False
-
-
-def _drop_one_redundant(graph: _QdqGraph) -> bool:
-    chains = graph.chains()
-    by_output = {c.dq.output[0]: c for c in chains}
-    for chain in chains:
-        source = chain.q.input[0]
-        if chain.dq.output[0] not in graph.graph_outputs and chain.keeps(graph.grid(source, by_output)):
-            graph.bypass(chain, source)
-            return True
-    return False
-
-
-def _clip_before_quantize(graph: _QdqGraph) -> int:
-    from onnx import helper, numpy_helper
-
-    moved = 0
-    for chain in graph.chains():
-        scale = graph.scalar(chain.q.input[1])
-        codes = np.iinfo(graph.scalar(chain.q.input[2]).dtype)
-        if codes.min != chain.zero:
-            # OpenVINO reads Q -> DQ as one FakeQuantize from (min - zp) * s and computes
-            # x - low in float: off zero, values next to a rounding tie land on it (measured
-            # on signed int8 grids); the integer Clip keeps its exact Convert / Clamp path
-            continue
-        x = chain.q.input[0]
-        stem = chain.dq.output[0]
-        added = []
-        if (chain.lo, chain.hi) != (codes.min, codes.max):
-            bounds = []
-            for tag, code in (("min", chain.lo), ("max", chain.hi)):
-                value = np.array((code - chain.zero) * chain.scale, dtype=scale.dtype)
-                graph.proto.graph.initializer.append(numpy_helper.from_array(value, f"{stem}__clip_{tag}"))
-                bounds.append(f"{stem}__clip_{tag}")
-            added.append(helper.make_node("Clip", [x, *bounds], [f"{stem}__clipped"], name=f"{stem}__clip"))
-            x = f"{stem}__clipped"
-        added += [
-            helper.make_node("QuantizeLinear", [x, *chain.q.input[1:]], [f"{stem}__q"], name=f"{stem}__q"),
-            helper.make_node(
-                "DequantizeLinear", [f"{stem}__q", *chain.dq.input[1:]], [stem], name=f"{stem}__dq"
-            ),
-        ]
-        at = graph.nodes.index(chain.q)
-        doomed = {id(chain.q), id(chain.clip), id(chain.dq)}
-        graph.nodes[at:at] = added
-        graph.nodes = [n for n in graph.nodes if id(n) not in doomed]
-        moved += 1
-    graph.refresh()
-    return moved
-
-
-def openvino_form(proto) -> OpenVINOForm:
-    """Rewrite a QDQ ONNX model (an ``onnx.ModelProto``, in place) into the form
-    OpenVINO fuses: the same values, fewer and fusable quantizers.
-
-    Each ``QuantizeLinear -> Clip -> DequantizeLinear`` with scalar constant
-    scale and zero point is a quantizer on the grid ``scale * ([lo, hi] - zp)``.
-    A quantizer after a Concat moves onto the Concat's inputs that are not on its
-    grid; a quantizer whose input is already on its grid (the output of one on
-    the same or a narrower grid, through MaxPool, Relu or Concat) is dropped; and on
-    the remaining ones whose lowest code is the zero point, the integer Clip becomes
-    a float Clip before the QuantizeLinear. All
-    three are exact in ONNX semantics, so onnxruntime computes the same outputs
-    from either graph; it only loses its QLinearConv fusion, which needs the
-    integer Clip, so the file :func:`qseg.export_onnx` writes keeps its form.
-
-    Example:
-        >>> import onnx
-        >>> from onnx import TensorProto, helper
-        >>> def const(name, value, dtype):
-        ...     return helper.make_tensor(name, dtype, [], [value])
-        >>> nodes = [
-        ...     helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
-        ...     helper.make_node("Clip", ["q", "lo", "hi"], ["c"]),
-        ...     helper.make_node("DequantizeLinear", ["c", "s", "z"], ["y"]),
-        ... ]
-        >>> graph = helper.make_graph(
-        ...     nodes, "g",
-        ...     [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
-        ...     [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])],
-        ...     [const("s", 0.5, TensorProto.FLOAT), const("z", 0, TensorProto.UINT8),
-        ...      const("lo", 0, TensorProto.UINT8), const("hi", 63, TensorProto.UINT8)],
-        ... )
-        >>> proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
-        >>> openvino_form(proto)
-        OpenVINOForm(moved_through_concat=0, dropped=0, clips_moved=1)
-        >>> [n.op_type for n in proto.graph.node]
-        ['Clip', 'QuantizeLinear', 'DequantizeLinear']
-    """
-    graph = _QdqGraph(proto)
-    moved = 0
-    while _push_one_through_concat(graph):
-        moved += 1
-    dropped = 0
-    while _drop_one_redundant(graph):
-        dropped += 1
-    clips = _clip_before_quantize(graph)
-    graph.commit()
-    return OpenVINOForm(moved, dropped, clips)
-
-
 def _int4_to_int8_at_load(model) -> int:
     """Put an explicit ``Convert(i4 -> i8)`` after every INT4 constant, in place.
 
@@ -439,54 +132,3 @@ def _int4_to_int8_at_load(model) -> int:
     if count:
         model.validate_nodes_and_infer_types()
     return count
-
-
-@dataclass(frozen=True)
-class LayerPrecision:
-    """One executed op of the compiled model: its layer type, the precision it ran
-    in (``u8``, ``i8``, ``f32``...) and the kernel (``jit_avx2_I8``...).
-
-    Example:
-        >>> LayerPrecision("conv1", "Convolution", "u8", "jit_avx2_I8").precision
-        'u8'
-    """
-
-    name: str
-    layer_type: str
-    precision: str
-    kernel: str
-
-
-def runtime_precisions(
-    model_path: str | os.PathLike, threads: int = 2, layer_types: tuple[str, ...] = ("Convolution",)
-) -> list[LayerPrecision]:
-    """Compile an IR or ONNX file on the OpenVINO CPU plugin and list the precision
-    and kernel each op of ``layer_types`` executes with (from the runtime model's
-    ``rt_info``), so a claim of int8 execution can be checked.
-
-    Example:
-        >>> import tempfile, torch, qseg
-        >>> from qseg.exporters import runtime_precisions
-        >>> with tempfile.TemporaryDirectory() as tmp:
-        ...     onnx_file = qseg.export_onnx(torch.nn.Conv2d(1, 2, 3), torch.randn(1, 1, 8, 8), f"{tmp}/c.onnx")
-        ...     [(p.layer_type, p.precision) for p in runtime_precisions(onnx_file)]
-        [('Convolution', 'f32')]
-    """
-    import openvino as ov
-
-    core = ov.Core()
-    compiled = core.compile_model(core.read_model(str(model_path)), "CPU", {"INFERENCE_NUM_THREADS": threads})
-    out = []
-    for op in compiled.get_runtime_model().get_ordered_ops():
-        info = op.get_rt_info()
-        layer_type = info["layerType"].astype(str) if "layerType" in info else op.get_type_name()
-        if layer_type in layer_types:
-            out.append(
-                LayerPrecision(
-                    op.get_friendly_name(),
-                    layer_type,
-                    info["runtimePrecision"].astype(str),
-                    info["primitiveType"].astype(str),
-                )
-            )
-    return out

@@ -33,7 +33,11 @@ def insert_act_quant(
         source = nodes[d.after]
         name = free_attr_name(gm, f"{d.after}_act_quant")
         gm.add_submodule(name, ActQuant(d.config.build(), d.rule))
-        with gm.graph.inserting_after(source):
+        # after the last input, so that the graph's inputs stay its first nodes
+        anchor = (
+            [n for n in gm.graph.nodes if n.op == "placeholder"][-1] if source.op == "placeholder" else source
+        )
+        with gm.graph.inserting_after(anchor):
             quantized = gm.graph.call_module(name, (source,))
         if d.before:
             for consumer in d.before:

@@ -4,12 +4,15 @@ A recipe is a :class:`Recipe` (a frozen, validated dataclass); ``prepare`` also
 accepts a built-in name, a YAML path or a mapping, resolved by :func:`load`.
 """
 
+from qseg.recipes.input_grid import InputGrid
 from qseg.recipes.loader import DEFAULT, RecipeLike, builtin_names, list, load
-from qseg.recipes.recipe import INHERIT, KeepFloat, Override, QuantizerConfig, Recipe
+from qseg.recipes.quantizer_config import QuantizerConfig
+from qseg.recipes.recipe import INHERIT, KeepFloat, Override, Recipe
 
 __all__ = [
     "DEFAULT",
     "INHERIT",
+    "InputGrid",
     "KeepFloat",
     "Override",
     "QuantizerConfig",

@@ -27,7 +27,7 @@ def builtin_names() -> tuple[str, ...]:
 
     Example:
         >>> [name for name in builtin_names() if name.startswith("unet-qa")]   # paper A's fixed point
-        ['unet-qa4.0-qw0.2', 'unet-qa6.0-qw0.4', 'unet-qa8.0-qw0.8', 'unet-qa8.8-qw8.8']
+        ['unet-qa4.0-qw0.2', 'unet-qa6.0-qw0.4', 'unet-qa6.0-qw0.4-exact', 'unet-qa8.0-qw0.8', 'unet-qa8.8-qw8.8']
     """
     return tuple(sorted(p.stem for p in _BUILTIN_DIR.glob("*.yaml")))
 

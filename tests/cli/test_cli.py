@@ -308,17 +308,18 @@ def test_demo_calls_run_with_typed_arguments_and_prints(capsys, monkeypatch, tmp
     calls = []
     fake = types.ModuleType("qseg.demo")
 
-    def fake_run(out, seed, fast, threads):
-        calls.append((out, seed, fast, threads))
+    def fake_run(out, seed, fast, threads, recipe):
+        calls.append((out, seed, fast, threads, recipe))
         return types.SimpleNamespace(table="dice table", figure=out / "figure.png")
 
     fake.run = fake_run
     monkeypatch.setitem(sys.modules, "qseg.demo", fake)
-    code, out, _ = run(capsys, "demo", "--out", str(tmp_path), "--seed", "3", "--fast", "--threads", "2")
-    assert code == 0 and calls == [(tmp_path, 3, True, 2)]
+    argv = ("--out", str(tmp_path), "--seed", "3", "--fast", "--threads", "2", "--recipe", "unet-bnn")
+    code, out, _ = run(capsys, "demo", *argv)
+    assert code == 0 and calls == [(tmp_path, 3, True, 2, "unet-bnn")]
     assert out == f"dice table\nfigure: {tmp_path / 'figure.png'}\n"
     code, _, _ = run(capsys, "demo")
-    assert code == 0 and calls[-1] == (Path("qseg-demo"), 0, False, None)
+    assert code == 0 and calls[-1] == (Path("qseg-demo"), 0, False, None, "unet-qa6.0-qw0.4")
 
 
 def test_demo_without_its_extras_says_what_to_install(capsys, monkeypatch):

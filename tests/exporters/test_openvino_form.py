@@ -16,9 +16,15 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
 import qseg
-from qseg.exporters import check_parity, export_onnx, openvino_from_onnx, runtime_precisions
-from qseg.exporters.openvino import OpenVINOForm, openvino_form
-from qseg.exporters.parity import run_openvino
+from qseg.exporters import (
+    OpenVINOForm,
+    check_parity,
+    export_onnx,
+    openvino_form,
+    openvino_from_onnx,
+    runtime_precisions,
+)
+from qseg.runtime import run_openvino
 
 CODE_TYPES = {np.uint8: TensorProto.UINT8, np.int8: TensorProto.INT8}
 

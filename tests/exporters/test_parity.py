@@ -10,8 +10,8 @@ from torch import nn
 
 import qseg
 from qseg.exporters import check_parity, export_onnx, openvino_from_onnx, runtime_precisions
-from qseg.exporters.parity import onnxruntime_ops
 from qseg.models import PaperUNet
+from qseg.runtime import onnxruntime_ops
 
 BASE = qseg.recipes.load("unet-qa6.0-qw0.4").to_dict()
 QA6 = BASE["activations"]
@@ -75,7 +75,7 @@ def test_default_recipe_runs_every_quantized_conv_as_int8(tmp_path):
     assert sum(p.precision == "f32" for p in convs) == 2  # the float first and last layers
     assert onnxruntime_ops(onnx_path).get("QLinearConv") == integer
     results = check_parity(c, torch.randn(2, 1, 64, 64), onnx_path, ir_path)
-    assert all(r.max_abs_diff == 0.0 for r in results), results  # bit-exact, not only within a step
+    assert all(r.exact for r in results), results  # bit-exact, not only within a step
 
 
 def test_int4_storage_runs_int8_kernels_in_openvino(tmp_path):
@@ -101,3 +101,37 @@ def test_int4_refuses_codes_that_do_not_fit(tmp_path):
     c = qseg.convert(q)
     with pytest.raises(qseg.ExportError, match=r"INT4 holds \[-8, 7\]"):
         export_onnx(c, torch.randn(1, 1, 32, 32), tmp_path / "m.onnx", weights="int4")
+
+
+def test_parity_verdict_reads_what_holds_against_which_tolerance():
+    import numpy as np
+
+    from qseg.exporters.parity import SAME_CLASS_TOLERANCE, WITHIN_STEP_TOLERANCE, compare
+
+    rng = np.random.default_rng(0)
+    expected = rng.normal(size=(2, 3, 20, 25)).astype(np.float32)  # 3-class logits, 1000 pixels
+    exact = compare("rt", [expected], [expected.copy()], step=0.5)
+    assert exact.exact and exact.ok and str(exact) == "rt: bit-exact"
+
+    nudged = expected + 0.25
+    within = compare("rt", [expected], [nudged], step=0.5)
+    assert not within.exact and within.ok and "every output within one step" in str(within)
+
+    # one output moved by two steps: the shares decide
+    one_off = expected.copy()
+    one_off[0, 0, 0, 0] += 1.0
+    close = compare("rt", [expected], [one_off], step=0.5)
+    assert close.within_step == 1 - 1 / expected.size and close.ok, close
+    assert str(close).startswith("rt: ok: 99.97% of outputs within one step (tolerance 99%)")
+
+    # a first layer run in bf16: many values off by a step or more, classes flipping
+    flipped = expected + rng.normal(scale=0.6, size=expected.shape).astype(np.float32)
+    bad = compare("rt", [expected], [flipped], step=0.5)
+    assert not bad.ok and "MISMATCH" in str(bad)
+    assert bad.within_step < WITHIN_STEP_TOLERANCE and bad.same_class < SAME_CLASS_TOLERANCE
+
+    # one channel: the class is the sign of the logit
+    single = expected[:, :1]
+    sign_flip = single.copy()
+    sign_flip[single > 0] = -sign_flip[single > 0]
+    assert compare("rt", [single], [sign_flip], step=10.0).same_class == float((single <= 0).mean())

@@ -21,7 +21,7 @@ from qseg.passes import plan_rescale, rescale
 from qseg.recipes import Recipe, builtin_names, load
 
 # Q8.8 resolves a float model without rescaling, and would be scaled by ~10^3 (its recipe says why)
-FIXED_POINT_UNETS = ["unet-qa6.0-qw0.4", "unet-qa8.0-qw0.8", "unet-qa4.0-qw0.2"]
+FIXED_POINT_UNETS = ["unet-qa6.0-qw0.4", "unet-qa6.0-qw0.4-exact", "unet-qa8.0-qw0.8", "unet-qa4.0-qw0.2"]
 
 
 def recipe(name: str = "unet-qa6.0-qw0.4", on: bool = True) -> Recipe:

@@ -3,6 +3,7 @@ torch.export + module-swap path quantizes them; the untraceable raise TraceError
 
 from __future__ import annotations
 
+import importlib.util
 import io
 
 import pytest
@@ -103,6 +104,30 @@ def test_untraceable_model_raises_trace_error_naming_the_line():
     message = str(info.value)
     assert "test_fallback.py" in message and "if y.mean() > 0" in message
     assert "torch.fx" in message and "torch.export" in message and "What to do" in message
+
+
+def test_trace_error_names_the_users_line_when_their_project_folder_is_named_qseg(tmp_path):
+    # qseg's own frames are recognised by where qseg is installed, not by a folder name
+    project = tmp_path / "qseg" / "torch"
+    project.mkdir(parents=True)
+    (project / "user_net.py").write_text(
+        "import torch\n"
+        "class UserNet(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.c = torch.nn.Conv2d(1, 1, 3)\n"
+        "    def forward(self, x):\n"
+        "        y = self.c(x)\n"
+        "        if y.mean() > 0:  # the user's data-dependent line\n"
+        "            return y\n"
+        "        return -y\n"
+    )
+    spec = importlib.util.spec_from_file_location("user_net", project / "user_net.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with pytest.raises(qseg.TraceError) as info:
+        qseg.prepare(module.UserNet(), example_inputs=torch.randn(1, 1, 8, 8))
+    assert "user_net.py:8 in forward: if y.mean() > 0" in str(info.value)
 
 
 def test_a_dropout_held_under_two_names_is_removed_under_both():

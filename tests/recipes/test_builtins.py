@@ -13,17 +13,28 @@ import qseg
 from qseg.exporters.parity import check_parity
 from qseg.models import PaperUNet
 from qseg.recipes import Recipe, builtin_names, load
-from qseg.recipes.recipe import KINDS
+from qseg.recipes.quantizer_config import KINDS
 from qseg.recipes.training import Inq, SuggestiveAnnotation, Training
 
 DOCS = (Path(__file__).parents[2] / "docs" / "recipes.md").read_text(encoding="utf-8")
-PAPER_A = [n for n in builtin_names() if n.startswith("unet-")]
+# qseg's deployment variants of a paper setup, not setups of the papers
+DEPLOYMENT = ["unet-qa6.0-qw0.4-exact"]
+PAPER_A = [n for n in builtin_names() if n.startswith("unet-") and n not in DEPLOYMENT]
 PAPER_B = [n for n in builtin_names() if n.startswith("fcn-")]
 
 
-def test_every_builtin_belongs_to_a_paper():
-    assert set(PAPER_A) | set(PAPER_B) == set(builtin_names())
+def test_every_builtin_belongs_to_a_paper_or_is_a_deployment_variant():
+    assert set(PAPER_A) | set(PAPER_B) | set(DEPLOYMENT) == set(builtin_names())
     assert len(PAPER_A) == 6 and len(PAPER_B) == 5
+
+
+def test_exact_variant_is_paper_a_default_integer_from_input_to_output():
+    exact, paper = load("unet-qa6.0-qw0.4-exact"), load("unet-qa6.0-qw0.4")
+    assert not exact.keep_float.first and not exact.keep_float.last
+    assert exact.input is not None and exact.input.config.label == "Q1.7 unsigned"
+    assert paper.input is None
+    same = ("weights", "activations", "activation_placement", "strip_dropout", "rescale", "training")
+    assert all(getattr(exact, key) == getattr(paper, key) for key in same)
 
 
 @pytest.mark.parametrize("name", PAPER_A)

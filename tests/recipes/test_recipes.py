@@ -110,6 +110,18 @@ ERRORS = [
     (bad(keep_float={"first": "yes"}), r"^keep_float\.first: expected true or false, got 'yes'"),
     (bad(keep_float={"middle": True}), r"^keep_float\.middle: unknown key; allowed: first, last"),
     (bad(strip_dropout=1), r"^strip_dropout: expected true or false, got 1"),
+    (bad(input={"bits": 8}), r"^input: missing key 'range'"),
+    (bad(input={"bits": 1, "range": [0, 1]}), r"^input\.bits: expected an integer in \[2, 16\], got 1"),
+    (bad(input={"bits": 8, "range": [1, 0]}), r"^input\.range: expected lo < hi, got \[1, 0\]"),
+    (bad(input={"bits": 8, "range": [0, "max"]}), r"^input\.range: expected two finite numbers"),
+    (
+        bad(input={"bits": 8, "range": [0, 255], "mean": 3}),
+        r"^input\.mean: unknown key; allowed: bits, range",
+    ),
+    (
+        bad(input={"bits": 8, "range": [-1024, 3071]}),
+        r"^input\.range: 8 bits cannot cover \[-1024, 3071\] with a step of at most 1 \(it needs 13\)",
+    ),
     (bad(overrides={"name": "x"}), r"^overrides: expected a list of overrides"),
     (
         bad(overrides=[{"name": "a", "weights": None}, {"weights": None}]),
@@ -204,6 +216,12 @@ valid_recipes = st.fixed_dictionaries(
         "activations": st.one_of(st.none(), fixed_grid_quantizers),
         "activation_placement": st.sampled_from(["after_norm", "conv_input"]),
         "keep_float": st.fixed_dictionaries({}, optional={"first": st.booleans(), "last": st.booleans()}),
+        "input": st.one_of(
+            st.none(),
+            st.fixed_dictionaries(
+                {"bits": st.integers(8, 16), "range": st.sampled_from([[0, 1], [0, 255], [-1.5, 2.0]])}
+            ),
+        ),
         "strip_dropout": st.booleans(),
         "overrides": st.lists(overrides, max_size=3),
     },
@@ -264,3 +282,26 @@ def test_corrupted_recipes_fail_only_with_recipe_error(data, corruptions):
 def test_override_sentinel_survives_copies():
     o = Override(name="x")
     assert copy.deepcopy(o).weights is INHERIT and copy.copy(o).activations is INHERIT
+
+
+@given(
+    st.integers(2, 16),
+    st.floats(-4000, 0, allow_nan=False),
+    st.floats(1e-3, 4000, allow_nan=False),
+)
+def test_input_grid_is_the_finest_power_of_two_grid_that_covers_its_range(bits, lo, hi):
+    from qseg.errors import RecipeError
+    from qseg.recipes import InputGrid
+
+    try:
+        grid = InputGrid(bits, (lo, hi))
+    except RecipeError as exc:
+        assert "cannot cover" in str(exc) or "too narrow" in str(exc)
+        return
+    q = grid.config.build()
+    assert q.bits == bits or (q.int_bits == 0 and q.bits <= bits)  # sign-magnitude counts its sign
+    top = q.spec().qmax * q.spec().scale
+    assert top >= max(abs(lo), hi) - 1e-9  # the range fits
+    if q.int_bits > 0:  # a step half as large would not fit (unless the grid is a pure fraction)
+        assert q.spec().qmax * q.spec().scale / 2 < max(abs(lo), hi)
+    assert q.signed == (lo < 0)
