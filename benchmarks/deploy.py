@@ -27,9 +27,10 @@ from N(0, 0.3^2) clipped to [-1, 1], so that the fixed-point codes use their ran
 would make the parity checks trivial), and BatchNorm running statistics are the
 average over 20 train-mode forward passes on random inputs (``torch.no_grad``),
 computed for the float model before export and again for each prepared model.
-No QAT is run: latency does not depend on the weights' values. Inputs are uniform on
-[0, 1) (images scaled to [0, 1], as ``qseg.data`` does), for the BatchNorm statistics,
-the NNCF calibration and the timed input alike.
+No QAT is run: latency does not depend on the weights' values. Inputs are N(0, 1), for
+the BatchNorm statistics, the NNCF calibration and the timed input alike; the exact
+variant's input grid covers [0, 1], so it clamps the negative half of them to 0 (the
+grid, not the input, is what exactness needs).
 
 Every OpenVINO variant is compiled by ``qseg.exporters.compile_openvino``: ``exact=True``
 (f32 float layers, accuracy mode) and, for the FP32 IR, the default and exact qseg IRs
@@ -172,7 +173,7 @@ def populate_batchnorm(model: nn.Module, size: int, seed: int) -> None:
     model.train()
     with torch.no_grad():
         for _ in range(BN_PASSES):
-            model(torch.rand(1, 1, size, size, generator=gen))
+            model(torch.randn(1, 1, size, size, generator=gen))
     for m, momentum in zip(norms, momenta, strict=True):
         m.momentum = momentum
     model.eval()
@@ -237,7 +238,7 @@ def nncf_int8_ir(fp32_xml: Path, size: int, out: Path) -> Path:
     import openvino as ov
 
     rng = np.random.default_rng(SEED + 3)
-    data = [rng.random((1, 1, size, size), dtype=np.float32) for _ in range(CALIBRATION_SAMPLES)]
+    data = [rng.standard_normal((1, 1, size, size), dtype=np.float32) for _ in range(CALIBRATION_SAMPLES)]
     quantized = nncf.quantize(ov.Core().read_model(str(fp32_xml)), nncf.Dataset(data))
     path = out / "nncf-int8.xml"
     ov.save_model(quantized, str(path), compress_to_fp16=False)
@@ -549,7 +550,7 @@ def main() -> None:
     started = time.perf_counter()
     load_start = os.getloadavg()[0]
 
-    x = torch.rand(1, 1, args.size, args.size, generator=torch.Generator().manual_seed(SEED + 4))
+    x = torch.randn(1, 1, args.size, args.size, generator=torch.Generator().manual_seed(SEED + 4))
     x_np = x.numpy()
     model = trained_looking_unet(args.size)
     fp32_weight_bytes = conv_weight_bytes_fp32(model)
