@@ -230,6 +230,9 @@ def quantize_module(module: nn.Module, quantizer: Quantizer) -> nn.Module:
         raise TypeError(f"cannot quantize a {type(module).__name__}; supported: {', '.join(QUANTIZED_NAMES)}")
     module.__class__ = cls
     module.add_module("weight_quant", quantizer)
+    # a grid set from data is set from the weights now, so that an optimizer built after
+    # prepare holds a learned scale with its final (per-channel) shape
+    quantizer.init_from(module.weight.detach())
     return module
 
 
@@ -271,6 +274,13 @@ class ActQuant(nn.Module):
 
 def _skip_missing_quantizer_state(module: nn.Module, incompatible: object) -> None:
     prefixes = tuple(f"{name}." for name, m in module.named_modules() if isinstance(m, Quantizer) and name)
+    missing = set(incompatible.missing_keys)
+    for name, m in module.named_modules():
+        quantizer = getattr(m, "weight_quant", None)
+        prefix = f"{name}.weight_quant." if name else "weight_quant."
+        if isinstance(quantizer, Quantizer) and any(k.startswith(prefix) for k in missing):
+            # a float checkpoint brought new weights: a grid set from the old ones is stale
+            quantizer.init_from(m.weight.detach(), reset=True)
     incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if not k.startswith(prefixes)]
 
 

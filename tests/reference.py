@@ -36,6 +36,9 @@ __all__ = [
     "ternary",
     "ternary_tanh_hard",
     "ternary_tanh_soft",
+    "uniform",
+    "uniform_lsq_scale_grad",
+    "uniform_range",
 ]
 
 
@@ -339,3 +342,45 @@ def ternary_tanh_hard(x: np.ndarray) -> np.ndarray:
     out = np.sign(x) * (np.abs(x) > 0.5)
     out[np.isnan(x)] = np.nan
     return out
+
+
+# --------------------------------------------------------------------------------------
+# Uniform integer grids with a data-derived scale (int8; LSQ, Esser et al. 2020)
+# --------------------------------------------------------------------------------------
+
+
+def uniform_range(bits: int, mode: str) -> tuple[int, int]:
+    """Codes of a ``bits``-bit grid: symmetric narrow range ``[-(2^(b-1)-1), 2^(b-1)-1]``,
+    unsigned and asymmetric ``[0, 2^b - 1]``.
+
+    >>> uniform_range(8, "symmetric"), uniform_range(8, "unsigned")
+    ((-127, 127), (0, 255))
+    """
+    if mode == "symmetric":
+        return -(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
+
+
+def uniform(x: np.ndarray, scale, zero_point: int, qmin: int, qmax: int) -> np.ndarray:
+    """``(clip(round(x / s) + z, qmin, qmax) - z) * s``, ties to even; ``scale`` a number
+    or an array broadcasting against ``x``.
+
+    >>> uniform(np.array([0.26, -1.0, 9.0]), 0.1, 0, -7, 7).round(6).tolist()
+    [0.3, -0.7, 0.7]
+    """
+    x = np.asarray(x, dtype=np.float64)
+    s = np.asarray(scale, dtype=np.float64)
+    code = np.clip(np.round(x / s) + zero_point, qmin, qmax)
+    return (code - zero_point) * s
+
+
+def uniform_lsq_scale_grad(x: np.ndarray, scale: float, qmin: int, qmax: int) -> float:
+    """LSQ's gradient of ``sum(quantize(x))`` with respect to the step ``s``, before the
+    gradient scale: ``round(x/s) - x/s`` inside the range, ``qmin`` below, ``qmax`` above.
+
+    >>> uniform_lsq_scale_grad(np.array([0.26, -1.0, 9.0]), 0.1, -7, 7)
+    0.4
+    """
+    v = np.asarray(x, dtype=np.float64) / scale
+    inside = (v > qmin) & (v < qmax)
+    return float(np.where(inside, np.round(v) - v, np.where(v <= qmin, qmin, qmax)).sum())

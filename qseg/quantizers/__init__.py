@@ -11,6 +11,7 @@ from qseg.quantizers.dorefa import DoReFa
 from qseg.quantizers.fixed_point import FixedPoint
 from qseg.quantizers.power_of_two import PowerOfTwo
 from qseg.quantizers.ternary import Ternary, TernaryTanh
+from qseg.quantizers.uniform import Uniform
 
 __all__ = [
     "Binary",
@@ -21,4 +22,5 @@ __all__ = [
     "Quantizer",
     "Ternary",
     "TernaryTanh",
+    "Uniform",
 ]

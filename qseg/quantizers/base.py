@@ -113,6 +113,21 @@ class Quantizer(nn.Module):
         """Bits one stored value needs, sign included."""
         raise NotImplementedError
 
+    def init_from(self, x: torch.Tensor, reset: bool = False) -> None:
+        """Set a grid that comes from the data from ``x``, if it is not set yet (or
+        always, with ``reset``); quantizers whose grid is fixed by their arguments do
+        nothing.
+
+        Example:
+            >>> import torch
+            >>> from qseg.quantizers import FixedPoint, Uniform
+            >>> FixedPoint(0, 4).init_from(torch.ones(3))        # nothing to set
+            >>> q = Uniform(8)
+            >>> q.init_from(torch.tensor([0.5, -1.27]))
+            >>> q.scale
+            tensor(0.0100)
+        """
+
     def spec(self, x: torch.Tensor) -> QuantSpec | None:
         """The integer grid ``self(x)`` lies on, or ``None`` when it is not uniform.
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from qseg.errors import QuantizerError, RecipeError
-from qseg.quantizers import Binary, DoReFa, FixedPoint, PowerOfTwo, Quantizer, Ternary, TernaryTanh
+from qseg.quantizers import Binary, DoReFa, FixedPoint, PowerOfTwo, Quantizer, Ternary, TernaryTanh, Uniform
 from qseg.recipes._checks import _check_keys, _check_str, _error
 
 __all__ = ["KINDS", "QuantizerConfig"]
@@ -30,6 +30,7 @@ class _Kind:
 KINDS: dict[str, _Kind] = {
     "fixed_point": _Kind(FixedPoint, ("int_bits", "frac_bits"), ("signed", "overflow", "ste"), True),
     "power_of_two": _Kind(PowerOfTwo, ("bits",), (), False),
+    "int": _Kind(Uniform, ("bits",), ("mode", "channel_axis", "learn_scale", "power_of_two_scale"), False),
     "binary": _Kind(Binary, (), ("scale",), True, nonlinearity=True),
     "dorefa": _Kind(DoReFa, ("bits",), (), False),
     "ternary": _Kind(Ternary, (), ("channel_axis",), False),
@@ -89,16 +90,32 @@ class QuantizerConfig:
     @property
     def signed(self) -> bool:
         """Whether the grid holds negative values."""
+        if self.kind == "int":
+            return self.params.get("mode", "symmetric") != "unsigned"
         return self.params.get("signed", True) if self.kind == "fixed_point" else True
 
     @property
     def label(self) -> str:
-        """A short name for tables: ``Q0.4``, ``Q6.0 unsigned``, ``INQ 7-bit``, ``ternary/ch``..."""
+        """A short name for tables: ``Q0.4``, ``Q6.0 unsigned``, ``INQ 7-bit``, ``ternary/ch``...
+
+        Example:
+            >>> QuantizerConfig("int", {"bits": 8, "channel_axis": 0}).label
+            'int8/ch'
+            >>> QuantizerConfig("int", {"bits": 4, "mode": "unsigned", "learn_scale": True}).label
+            'uint4 LSQ'
+        """
         p = self.params
         if self.kind == "fixed_point":
             text = f"Q{p['int_bits']}.{p['frac_bits']}"
             text += "" if p.get("signed", True) else " unsigned"
             return text + (" wrap" if p.get("overflow") == "wrap" else "")
+        if self.kind == "int":
+            mode = p.get("mode", "symmetric")
+            text = {"symmetric": "int", "unsigned": "uint", "asymmetric": "int"}[mode] + str(p["bits"])
+            text += " asym" if mode == "asymmetric" else ""
+            text += "/ch" if p.get("channel_axis") is not None else ""
+            text += " LSQ" if p.get("learn_scale") else ""
+            return text + (" pow2" if p.get("power_of_two_scale") else "")
         if self.kind == "power_of_two":
             return f"INQ {p['bits']}-bit"
         if self.kind == "dorefa":
@@ -127,9 +144,13 @@ class QuantizerConfig:
             >>> qa6 = QuantizerConfig("fixed_point", {"int_bits": 6, "frac_bits": 0, "signed": False})
             >>> qa6.label, qa6.as_signed().label
             ('Q6.0 unsigned', 'Q6.0')
+            >>> QuantizerConfig("int", {"bits": 8, "mode": "unsigned"}).as_signed().label
+            'int8 asym'
         """
         if self.signed:
             return self
+        if self.kind == "int":  # an unsigned grid with room below 0: a zero point
+            return QuantizerConfig(self.kind, {**self.params, "mode": "asymmetric"})
         return QuantizerConfig(self.kind, {**self.params, "signed": True})
 
     def to_dict(self) -> dict[str, Any]:

@@ -24,6 +24,8 @@ FAMILIES = {
         "activations": {"kind": "fixed_point", "int_bits": 4, "frac_bits": 0, "signed": False},
     },
     "inq_7bit": {"weights": {"kind": "power_of_two", "bits": 7}},
+    "int8_per_channel": {"weights": {"kind": "int", "bits": 8, "channel_axis": 0}},
+    "int4_lsq": {"weights": {"kind": "int", "bits": 4, "channel_axis": 0, "learn_scale": True}},
     "dorefa_2bit": {"weights": {"kind": "dorefa", "bits": 2}},
     "twn": {"weights": {"kind": "ternary"}},
     "bnn": {"weights": {"kind": "binary"}, "activations": {"kind": "binary"}},

@@ -12,7 +12,7 @@ import torch
 from hypothesis import given
 from strategies import scaled_tensors
 
-from qseg.quantizers import Binary, DoReFa, FixedPoint, PowerOfTwo, Quantizer, Ternary, TernaryTanh
+from qseg.quantizers import Binary, DoReFa, FixedPoint, PowerOfTwo, Quantizer, Ternary, TernaryTanh, Uniform
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,12 @@ class Case:
 
 def _eval(q: Quantizer) -> Quantizer:
     return q.eval()
+
+
+def _uniform_preset() -> Uniform:
+    q = Uniform(4, mode="asymmetric")
+    q.observe_range(torch.tensor(-0.5), torch.tensor(2.0))
+    return q
 
 
 def _power_of_two_fixed() -> PowerOfTwo:
@@ -48,6 +54,9 @@ CASES = {
     "ternary": Case(Ternary, nan_spreads=True),
     "ternary_per_channel": Case(lambda: Ternary(channel_axis=0), nan_spreads=True),
     "ternary_tanh_eval": Case(lambda: _eval(TernaryTanh())),
+    # the first forward sets the scale from that tensor's min and max
+    "uniform_int8_from_data": Case(lambda: Uniform(8), nan_spreads=True),
+    "uniform_asymmetric_preset": Case(_uniform_preset),
     "ternary_tanh_train": Case(TernaryTanh, has_spec=False),
 }
 NAMES = sorted(CASES)

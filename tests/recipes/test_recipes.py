@@ -196,6 +196,13 @@ quantizers = st.one_of(
     st.builds(lambda a: {"kind": "ternary", "channel_axis": a}, st.sampled_from([None, 0, 1])),
     st.builds(lambda s: {"kind": "binary", "scale": s}, st.sampled_from(["none", "mean"])),
     st.just({"kind": "ternary_tanh", "beta_start": 2.0, "beta_end": 9.0}),
+    st.builds(
+        lambda b, m, a, learn: {"kind": "int", "bits": b, "mode": m, "channel_axis": a, "learn_scale": learn},
+        st.integers(2, 16),
+        st.sampled_from(["symmetric", "unsigned"]),
+        st.sampled_from([None, 0]),
+        st.booleans(),
+    ),
 )
 fixed_grid_quantizers = quantizers.filter(
     lambda d: d["kind"] in ("fixed_point", "ternary_tanh") or d == {"kind": "binary", "scale": "none"}
