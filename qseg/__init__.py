@@ -1,6 +1,7 @@
 """qseg: quantization-aware training and deployment for PyTorch segmentation models."""
 
 from qseg import active, errors, inq, quantizers, recipes
+from qseg.calibrate import CalibrationReport, calibrate
 from qseg.convert import convert
 from qseg.errors import (
     AnnotationError,
@@ -20,6 +21,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AnnotationError",
+    "CalibrationReport",
     "DataError",
     "ExportError",
     "ModelError",
@@ -30,6 +32,7 @@ __all__ = [
     "TraceError",
     "__version__",
     "active",
+    "calibrate",
     "convert",
     "errors",
     "export_onnx",

@@ -36,7 +36,7 @@ import qseg.ops  # noqa: F401  (registers torch.ops.qseg.*)
 from qseg import graph as g
 from qseg.errors import ExportError
 from qseg.nn import QUANTIZED, ActQuant
-from qseg.quantizers import FixedPoint, TernaryTanh
+from qseg.quantizers import FixedPoint, TernaryTanh, Uniform
 
 __all__ = ["ConvertReport", "FrozenActQuant", "FrozenLayer", "convert"]
 
@@ -48,12 +48,14 @@ EXACT_ACCUMULATOR = 2**24
 
 
 class FrozenActQuant(nn.Module):
-    """An activation quantizer frozen to its grid ``scale * [qmin, qmax]``.
+    """An activation quantizer frozen to its grid: codes ``[qmin, qmax]`` around an
+    integer ``zero_point`` (0 but for asymmetric ``int`` grids), step ``scale``.
 
-    It computes ``clamp(round(x / scale), qmin, qmax) * scale``, rounding half to
-    even (``qseg::fake_quant``, which the ONNX exporter writes as QuantizeLinear ->
-    Clip -> DequantizeLinear). :func:`convert` puts one in place of every
-    activation quantizer with a uniform grid.
+    It computes ``(clamp(round(x / scale) + zero_point, qmin, qmax) - zero_point) * scale``,
+    rounding half to even (``qseg::fake_quant``, which the ONNX exporter writes as
+    QuantizeLinear -> Clip -> DequantizeLinear). :func:`convert` puts one in place of
+    every activation quantizer with a uniform grid. :attr:`grid` is the grid relative
+    to 0: ``(scale, qmin - zero_point, qmax - zero_point)``.
 
     Example:
         >>> import torch
@@ -62,15 +64,27 @@ class FrozenActQuant(nn.Module):
         tensor([0.0000, 0.0000, 1.0000, 1.0000, 1.5000])
     """
 
-    def __init__(self, scale: float, qmin: int, qmax: int) -> None:
+    def __init__(self, scale: float, qmin: int, qmax: int, zero_point: int = 0) -> None:
         super().__init__()
         self.scale, self.qmin, self.qmax = float(scale), int(qmin), int(qmax)
+        self.zero_point = int(zero_point)
+
+    @property
+    def grid(self) -> tuple[float, int, int]:
+        """``(scale, lowest, highest)`` integer multiple of the scale the output takes.
+
+        Example:
+            >>> FrozenActQuant(scale=0.1, qmin=0, qmax=255, zero_point=30).grid
+            (0.1, -30, 225)
+        """
+        return self.scale, self.qmin - self.zero_point, self.qmax - self.zero_point
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.qseg.fake_quant(x, self.scale, self.qmin, self.qmax)
+        return torch.ops.qseg.fake_quant(x, self.scale, self.qmin, self.qmax, self.zero_point)
 
     def extra_repr(self) -> str:
-        return f"scale={self.scale}, qmin={self.qmin}, qmax={self.qmax}"
+        zero = f", zero_point={self.zero_point}" if self.zero_point else ""
+        return f"scale={self.scale}, qmin={self.qmin}, qmax={self.qmax}{zero}"
 
 
 def _narrowest_int(lo: int, hi: int) -> torch.dtype:
@@ -230,8 +244,16 @@ class ConvertReport:
         return "\n".join(lines)
 
 
-def _frozen_act(module: ActQuant) -> FrozenActQuant | None:
+def _frozen_act(module: ActQuant, name: str, report: ConvertReport) -> FrozenActQuant | None:
     q = module.quantizer
+    if isinstance(q, Uniform):
+        if not bool(q.initialized):
+            raise ExportError(
+                f"activation quantizer {name} has no range yet: run qseg.calibrate(qmodel, data) "
+                "(or train the model) before convert"
+            )
+        spec = q.spec()
+        return FrozenActQuant(float(spec.scale), spec.qmin, spec.qmax, spec.zero_point)
     # clamp(round(x / s)) reproduces these exactly; wrap mode and binary sign do not
     uniform = (isinstance(q, FixedPoint) and q.overflow == "saturate") or isinstance(q, TernaryTanh)
     if not uniform:
@@ -278,6 +300,35 @@ def _params(module: nn.Module) -> dict:
     }
 
 
+def _warn_int8_kernel_limits(
+    name: str, in_grid: tuple[float, int, int], codes: torch.Tensor, report: ConvertReport
+) -> None:
+    """Warn where int8 kernels on CPUs without VNNI do not compute what the QDQ file says.
+
+    ``in_grid`` is relative to 0: ``(scale, lo, hi)``. A symmetric grid (``lo == -hi``)
+    is stored as signed int8; any other grid as uint8 codes ``0 .. hi - lo`` (a zero point
+    where ``lo < 0``).
+    """
+    _, lo, hi = in_grid
+    signed = lo < 0 and lo == -hi
+    max_code = max(abs(lo), abs(hi)) if signed or lo >= 0 else hi - lo
+    if max_code > 255:
+        return  # not an 8-bit grid: no int8 kernel
+    max_w = int(codes.abs().max())
+    if 2 * max_code * max_w > INT16_PAIR_LIMIT:
+        report.warnings.append(
+            f"{name}: 2 x {max_code} x {max_w} exceeds 32767; AVX2 int8 kernels without VNNI may "
+            "saturate (use 7-bit weights, or 7-bit activations, on such CPUs)"
+        )
+    if signed and bool((codes.remainder(2) != 0).any()):
+        report.warnings.append(
+            f"{name}: reads a signed int8 grid; on CPUs without VNNI, OpenVINO's int8 kernels halve "
+            "the weight codes of such a conv (oneDNN's guard against int16 overflow), so its odd "
+            "codes lose their last bit there and parity is lost; an unsigned grid (an input range "
+            "starting at 0) is exact on every CPU"
+        )
+
+
 def _freeze_layer(
     name: str,
     module: nn.Module,
@@ -318,6 +369,9 @@ def _freeze_layer(
         shift = bn.bias.detach().double() if bn.affine else torch.zeros(out_channels).double()
         w_scale = w_scale * k
         bias = (bias - bn.running_mean.double()) * k + shift
+    if in_grid is not None:
+        # the runtimes run int8 kernels for any 8-bit input grid, integer conv here or not
+        _warn_int8_kernel_limits(name, in_grid, codes, report)
     if in_grid is not None and (kind != "conv" or not _is_power_of_two(in_grid[0])):
         in_grid = None
     frozen = FrozenLayer(kind, codes, w_scale.float(), bias.float(), _params(module), in_grid)
@@ -326,20 +380,7 @@ def _freeze_layer(
         return frozen
     report.integer_layers.append(name)
     max_act = max(abs(in_grid[1]), abs(in_grid[2]))
-    max_w = int(codes.abs().max())
-    fan_in = codes[0].numel()
-    if 2 * max_act * max_w > INT16_PAIR_LIMIT:
-        report.warnings.append(
-            f"{name}: 2 x {max_act} x {max_w} exceeds 32767; AVX2 int8 kernels without VNNI may saturate"
-        )
-    if in_grid[1] < 0 and max_act <= 127 and bool((codes.remainder(2) != 0).any()):
-        report.warnings.append(
-            f"{name}: reads a signed int8 grid; on CPUs without VNNI, OpenVINO's int8 kernels halve "
-            "the weight codes of such a conv (oneDNN's guard against int16 overflow), so its odd "
-            "codes lose their last bit there and parity is lost; an unsigned grid (an input range "
-            "starting at 0) is exact on every CPU"
-        )
-    if max_act * max_w * fan_in >= EXACT_ACCUMULATOR:
+    if max_act * int(codes.abs().max()) * codes[0].numel() >= EXACT_ACCUMULATOR:
         report.warnings.append(f"{name}: the accumulator may exceed 2^24; float32 parity is not exact")
     return frozen
 
@@ -391,10 +432,10 @@ def _convert_fx(qmodel: fx.GraphModule) -> fx.GraphModule:
     for node in list(gm.graph.nodes):
         module = g.module_of(gm, node)
         if isinstance(module, ActQuant):
-            frozen = _frozen_act(module)
+            frozen = _frozen_act(module, str(node.target), report)
             if frozen is not None:
                 gm.add_submodule(node.target, frozen)
-                grids[node.name] = (frozen.scale, frozen.qmin, frozen.qmax)
+                grids[node.name] = frozen.grid
     for node in list(gm.graph.nodes):
         module = g.module_of(gm, node)
         if type(module) not in QUANTIZED.values():
@@ -475,10 +516,11 @@ def _convert_fallback(qmodel: nn.Module, inputs: tuple) -> nn.Module:
         ) from exc
     calls = Counter(str(n.target) for n in graph.graph.nodes if n.op == "call_module")
     report = ConvertReport()
-    for module in list(model.modules()):
+    for prefix, module in list(model.named_modules()):
         for child in _QUANTIZER_CHILDREN:
             quantizer = module._modules.get(child)
-            frozen = _frozen_act(quantizer) if isinstance(quantizer, ActQuant) else None
+            name = f"{prefix}.{child}" if prefix else child
+            frozen = _frozen_act(quantizer, name, report) if isinstance(quantizer, ActQuant) else None
             if frozen is not None:
                 module.add_module(child, frozen)
     # a module's output is on a grid when its forward hook quantizes it
@@ -486,11 +528,11 @@ def _convert_fallback(qmodel: nn.Module, inputs: tuple) -> nn.Module:
     own_input = model._modules.get("input_quant")  # the recipe's input grid
     for node in graph.graph.nodes:
         if node.op == "placeholder" and isinstance(own_input, FrozenActQuant):
-            grids[node.name] = (own_input.scale, own_input.qmin, own_input.qmax)
+            grids[node.name] = own_input.grid
         if node.op == "call_module":
             quantizer = model.get_submodule(node.target)._modules.get("act_quant")
             if isinstance(quantizer, FrozenActQuant):
-                grids[node.name] = (quantizer.scale, quantizer.qmin, quantizer.qmax)
+                grids[node.name] = quantizer.grid
     for node in list(graph.graph.nodes):
         if node.op != "call_module" or type(model.get_submodule(node.target)) not in QUANTIZED.values():
             continue
@@ -504,7 +546,7 @@ def _convert_fallback(qmodel: nn.Module, inputs: tuple) -> nn.Module:
             fold = None
         own = module._modules.get("input_quant")
         if isinstance(own, FrozenActQuant):
-            in_grid = (own.scale, own.qmin, own.qmax)
+            in_grid = own.grid
         else:
             in_grid = g.grid_of(graph, node.args[0], grids) if once and node.args else None
         bn = model.get_submodule(str(fold[0].target)) if fold is not None else None

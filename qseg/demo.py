@@ -30,7 +30,7 @@ import torch
 
 import qseg
 from qseg.data import HELA_SOURCE, load_hela, tiles
-from qseg.exporters.parity import ParityResult, compare, finest_step
+from qseg.exporters.parity import ParityResult, compare, parity_step
 from qseg.metrics import dice_score
 from qseg.models import PaperUNet
 from qseg.recipes import load
@@ -247,7 +247,7 @@ def run(
 
     ort_logits = runtime_logits(runners["onnxruntime"])
     ov_logits = runtime_logits(runners["openvino"])
-    step = finest_step(converted)
+    step = parity_step(converted)
     parity = [
         compare(name, [converted_logits.numpy()], [logits.numpy()], step)
         for name, logits in (("onnxruntime", ort_logits), ("openvino", ov_logits))

@@ -4,8 +4,9 @@ Each has an exact PyTorch implementation and a fake (shape) implementation, so
 ``torch.export`` handles dynamic shapes, and the ONNX exporter translates each
 into the QDQ pattern integer runtimes fuse (``qseg/exporters/onnx.py``):
 
-- ``qseg::fake_quant(x, scale, qmin, qmax)``: ``clamp(round(x / scale), qmin, qmax) * scale``,
-  round half to even, exported as QuantizeLinear -> integer Clip -> DequantizeLinear.
+- ``qseg::fake_quant(x, scale, qmin, qmax, zero_point)``:
+  ``(clamp(round(x / scale) + zero_point, qmin, qmax) - zero_point) * scale``, round half to
+  even, exported as QuantizeLinear -> integer Clip -> DequantizeLinear.
 - ``qseg::dequantize(codes, scale, axis)``: integer codes times a per-tensor or
   per-channel scale, exported as DequantizeLinear of an integer initializer.
 - ``qseg::qconv(x, codes, w_scale, bias_codes, in_scale, in_qmin, in_qmax, stride, padding, dilation, groups)``:
@@ -27,13 +28,16 @@ _CONV = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}
 
 
 @torch.library.custom_op("qseg::fake_quant", mutates_args=())
-def fake_quant(x: torch.Tensor, scale: float, qmin: int, qmax: int) -> torch.Tensor:
-    """Quantize to the grid ``scale * [qmin, qmax]`` and dequantize (per tensor, zero point 0)."""
-    return torch.clamp(torch.round(x / scale), qmin, qmax) * scale
+def fake_quant(x: torch.Tensor, scale: float, qmin: int, qmax: int, zero_point: int) -> torch.Tensor:
+    """Quantize to codes ``[qmin, qmax]`` around ``zero_point`` with step ``scale`` and
+    dequantize (per tensor), in ONNX QuantizeLinear's order: round, then add the zero point."""
+    if zero_point == 0:
+        return torch.clamp(torch.round(x / scale), qmin, qmax) * scale
+    return (torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax) - zero_point) * scale
 
 
 @fake_quant.register_fake
-def _(x: torch.Tensor, scale: float, qmin: int, qmax: int) -> torch.Tensor:  # noqa: ARG001
+def _(x: torch.Tensor, scale: float, qmin: int, qmax: int, zero_point: int) -> torch.Tensor:  # noqa: ARG001
     return torch.empty_like(x)
 
 

@@ -183,6 +183,17 @@ def _after_norm_sites(gm: fx.GraphModule, decisions: list[LayerDecision], plan_:
     _off_grid_inputs(gm, decisions, plan_)
 
 
+def _grid_tags(plan_: Plan) -> dict[str, object]:
+    """What each placed quantizer's output lies on: its config where the grid is fixed
+    (two quantizers of one config share the grid), else the quantizer itself (a
+    calibrated grid is its own: two int8 quantizers get two scales)."""
+    return {
+        a.after: a.config if a.config.fixed_grid else ("calibrated", a.after)
+        for a in plan_.activations
+        if not a.before
+    }
+
+
 def _off_grid_inputs(gm: fx.GraphModule, decisions: list[LayerDecision], plan_: Plan) -> None:
     """Give a quantized layer an input quantizer where its input is not on a grid.
 
@@ -192,7 +203,7 @@ def _off_grid_inputs(gm: fx.GraphModule, decisions: list[LayerDecision], plan_: 
     the quantizer here makes training see what deployment computes.
     """
     nodes = {n.name: n for n in gm.graph.nodes}
-    grids = {a.after: a.config for a in plan_.activations if not a.before}
+    grids = _grid_tags(plan_)
     removed = _removed_relus(plan_)
     groups: dict[str, list[LayerDecision]] = {}
     for d in decisions:
@@ -214,7 +225,7 @@ def _off_grid_inputs(gm: fx.GraphModule, decisions: list[LayerDecision], plan_: 
 
 def _conv_input_sites(gm: fx.GraphModule, decisions: list[LayerDecision], plan_: Plan) -> None:
     nodes = {n.name: n for n in gm.graph.nodes}
-    grids = {a.after: a.config for a in plan_.activations if not a.before}  # the input grid
+    grids = _grid_tags(plan_)  # the input grid
     groups: dict[str, list[LayerDecision]] = {}
     for d in decisions:
         if d.weights is None:

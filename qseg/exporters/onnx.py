@@ -46,15 +46,16 @@ def _translations() -> dict:
     def constant(value, dtype):
         return op.Constant(value=ir.tensor(np.array(value, dtype=dtype)))
 
-    def quantize_dequantize(x, scale: float, qmin: int, qmax: int):
+    def quantize_dequantize(x, scale: float, qmin: int, qmax: int, zero_point: int = 0):
         dtype = _int_type(qmin, qmax).numpy()
         s = constant(scale, np.float32)
-        zero = constant(0, dtype)
+        zero = constant(zero_point, dtype)
         info = np.iinfo(dtype)
         if info.bits > 8 and (qmin, qmax) != (info.min, info.max):
             # onnxruntime has no integer Clip for 16-bit types; clamping the float input to
             # the grid's ends first rounds to the same codes (the ends are multiples of s)
-            x = op.Clip(x, constant(qmin * scale, np.float32), constant(qmax * scale, np.float32))
+            lo, hi = (qmin - zero_point) * scale, (qmax - zero_point) * scale
+            x = op.Clip(x, constant(lo, np.float32), constant(hi, np.float32))
         q = op.QuantizeLinear(x, s, zero)
         if info.bits == 8 and (qmin, qmax) != (info.min, info.max):
             # an integer Clip between Q and DQ keeps onnxruntime's QLinearConv fusion; QuantizeLinear
@@ -62,8 +63,8 @@ def _translations() -> dict:
             q = op.Clip(q, constant(qmin, dtype), constant(qmax, dtype))
         return op.DequantizeLinear(q, s, zero)
 
-    def fake_quant(x, scale: float, qmin: int, qmax: int):
-        return quantize_dequantize(x, scale, qmin, qmax)
+    def fake_quant(x, scale: float, qmin: int, qmax: int, zero_point: int):
+        return quantize_dequantize(x, scale, qmin, qmax, zero_point)
 
     def dequantize(codes, scale, axis: int):
         return op.DequantizeLinear(codes, scale, axis=axis)

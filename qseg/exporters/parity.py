@@ -4,8 +4,8 @@ The verdict, from strict to loose (every level is "ok"):
 
 - **bit-exact**: every output equal (a model that is integer from its input to
   its last layer, see the ``input`` recipe key);
-- **within one step**: every output within one step of the model's finest
-  activation grid (the integer layers agree exactly; float ones differ in the
+- **within one step**: every output within one step of the model's activation
+  grid (the coarsest one, where calibrated grids differ per layer) (the integer layers agree exactly; float ones differ in the
   last bits);
 - **within tolerance**: at least :data:`WITHIN_STEP_TOLERANCE` of the outputs
   within one step and at least :data:`SAME_CLASS_TOLERANCE` of the pixels given
@@ -38,7 +38,7 @@ __all__ = [
     "ParityResult",
     "check_parity",
     "compare",
-    "finest_step",
+    "parity_step",
 ]
 
 #: The least share of output values within one activation step for a pass.
@@ -53,7 +53,7 @@ class ParityResult:
     """One runtime against PyTorch on one input.
 
     ``max_abs_diff`` is the largest absolute difference over all outputs,
-    ``step`` the smallest activation step of the model (one quantization step),
+    ``step`` the model's activation step (:func:`parity_step`),
     ``within_step`` the share of output values within one step, and
     ``same_class`` the share of pixels given the same class (argmax over the
     channel axis; for one channel, the sign of the logit).
@@ -120,20 +120,25 @@ def _inputs(example_inputs: torch.Tensor | tuple) -> tuple:
     return (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
 
 
-def finest_step(model: nn.Module) -> float:
-    """The smallest activation step of a converted model: the unit of parity's
-    tolerance (``1e-5`` for a model without activation quantizers).
+def parity_step(model: nn.Module) -> float:
+    """The unit of parity's tolerance: the step of a converted model's activation grid.
+
+    Fixed-point recipes give every activation one step. Calibrated ``int`` grids have
+    a step per quantizer, and their non-power-of-two scales make each runtime round
+    the requantizations in its own way, so the tolerance is the coarsest step (a
+    difference of one step in the coarsest layer); ``1e-5`` for a model without
+    activation quantizers.
 
     Example:
         >>> import torch, qseg
         >>> from torch import nn
         >>> model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 1, 1))
         >>> x = torch.rand(1, 1, 8, 8)
-        >>> finest_step(qseg.convert(qseg.prepare(model, "unet-qa6.0-qw0.4", example_inputs=x)))
+        >>> parity_step(qseg.convert(qseg.prepare(model, "unet-qa6.0-qw0.4", example_inputs=x)))
         1.0
     """
     steps = [m.scale for m in model.modules() if isinstance(m, FrozenActQuant)]
-    return min(steps) if steps else 1e-5
+    return max(steps) if steps else 1e-5
 
 
 def _classes(output: np.ndarray) -> np.ndarray | None:
@@ -194,7 +199,7 @@ def check_parity(
     inputs = _inputs(example_inputs)
     with torch.no_grad():
         expected = _flat(model.eval()(*inputs))
-    step = finest_step(model)
+    step = parity_step(model)
     results = []
     if onnx_path is not None:
         results.append(

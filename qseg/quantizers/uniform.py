@@ -136,6 +136,7 @@ class Uniform(Quantizer):
 
     @property
     def bits(self) -> int:
+        """Stored bits per value (``bits``; the sign is one of them)."""
         return self.num_bits
 
     # ---- setting the scale ----------------------------------------------------------------
@@ -193,7 +194,16 @@ class Uniform(Quantizer):
 
     def init_from(self, x: torch.Tensor, reset: bool = False) -> None:
         """Set the grid from ``x``'s min and max (per channel) unless it is set already
-        (always, with ``reset``)."""
+        (always, with ``reset``).
+
+        Example:
+            >>> import torch
+            >>> q = Uniform(8, mode="unsigned")
+            >>> q.init_from(torch.tensor([0.0, 2.55]))
+            >>> q.init_from(torch.tensor([0.0, 100.0]))           # set already: kept
+            >>> round(float(q.scale), 6)
+            0.01
+        """
         if (reset or not bool(self.initialized)) and x.numel() > 0:
             self.observe_range(*self._reduce(x))
 

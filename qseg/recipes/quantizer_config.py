@@ -25,12 +25,21 @@ class _Kind:
     # on activations it is the nonlinearity itself (BNN's sign, TernaryNet's ternary
     # tanh): its negative level carries information that a ReLU after it would erase
     nonlinearity: bool = False
+    # usable on activations although its grid is data-dependent: each quantizer's range
+    # is set by calibration, and a layer reading tensors of two such grids gets its own
+    calibrated: bool = False
 
 
 KINDS: dict[str, _Kind] = {
     "fixed_point": _Kind(FixedPoint, ("int_bits", "frac_bits"), ("signed", "overflow", "ste"), True),
     "power_of_two": _Kind(PowerOfTwo, ("bits",), (), False),
-    "int": _Kind(Uniform, ("bits",), ("mode", "channel_axis", "learn_scale", "power_of_two_scale"), False),
+    "int": _Kind(
+        Uniform,
+        ("bits",),
+        ("mode", "channel_axis", "learn_scale", "power_of_two_scale"),
+        False,
+        calibrated=True,
+    ),
     "binary": _Kind(Binary, (), ("scale",), True, nonlinearity=True),
     "dorefa": _Kind(DoReFa, ("bits",), (), False),
     "ternary": _Kind(Ternary, (), ("channel_axis",), False),
@@ -74,6 +83,21 @@ class QuantizerConfig:
     def fixed_grid(self) -> bool:
         """True when the grid does not depend on the data (usable for activations)."""
         return KINDS[self.kind].fixed_grid and self.params.get("scale", "none") == "none"
+
+    @property
+    def activation_grid(self) -> bool:
+        """True when the quantizer can stand on activations: a fixed grid, or a
+        per-tensor grid set by calibration (``int``).
+
+        Example:
+            >>> QuantizerConfig("int", {"bits": 8, "mode": "unsigned"}).activation_grid
+            True
+            >>> QuantizerConfig("int", {"bits": 8, "channel_axis": 0}).activation_grid
+            False
+        """
+        if KINDS[self.kind].calibrated:
+            return self.params.get("channel_axis") is None
+        return self.fixed_grid
 
     @property
     def nonlinearity(self) -> bool:

@@ -89,7 +89,7 @@ class Override:
                 re.compile(self.regex)
             except re.error as exc:
                 raise _error("regex", f"not a regular expression ({exc}): {self.regex!r}") from None
-        if self.activations not in (None, INHERIT) and not self.activations.fixed_grid:
+        if self.activations not in (None, INHERIT) and not self.activations.activation_grid:
             raise _error("activations", _ACT_KIND_MESSAGE)
 
     def matches(self, layer_name: str, type_name: str) -> bool:
@@ -178,7 +178,8 @@ PLACEMENTS = ("after_norm", "conv_input")
 _ACT_KIND_MESSAGE = (
     "activation quantizers need a grid that does not depend on the data "
     "(fixed_point, binary with scale none, ternary_tanh), so that tensors meeting at a "
-    "concatenation or addition share it"
+    "concatenation or addition share it, or a per-tensor int grid set by calibration "
+    "(int without channel_axis)"
 )
 
 
@@ -241,7 +242,7 @@ class Recipe:
             value = getattr(self, key)
             if value is not None and not isinstance(value, QuantizerConfig):
                 raise _error(key, f"expected a QuantizerConfig or None, got {value!r}")
-        if self.activations is not None and not self.activations.fixed_grid:
+        if self.activations is not None and not self.activations.activation_grid:
             raise _error("activations", _ACT_KIND_MESSAGE)
         if self.activation_placement not in PLACEMENTS:
             raise _error(

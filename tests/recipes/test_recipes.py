@@ -104,6 +104,10 @@ ERRORS = [
         r"^activations: activation quantizers need a grid",
     ),
     (
+        bad(activations={"kind": "int", "bits": 8, "channel_axis": 0}),
+        r"^activations: .*or a per-tensor int grid set by calibration",
+    ),
+    (
         bad(activation_placement="before_conv"),
         r"^activation_placement: must be one of after_norm, conv_input; got 'before_conv'",
     ),
@@ -205,7 +209,9 @@ quantizers = st.one_of(
     ),
 )
 fixed_grid_quantizers = quantizers.filter(
-    lambda d: d["kind"] in ("fixed_point", "ternary_tanh") or d == {"kind": "binary", "scale": "none"}
+    lambda d: d["kind"] in ("fixed_point", "ternary_tanh")
+    or d == {"kind": "binary", "scale": "none"}
+    or (d["kind"] == "int" and d["channel_axis"] is None)  # a calibrated per-tensor grid
 )
 overrides = st.fixed_dictionaries(
     {"name": st.sampled_from(["enc*", "head", "dec?.conv1"])},
