@@ -245,9 +245,7 @@ def calibrate(
         q.observe_range(torch.tensor(lo), torch.tensor(hi))
         scale, zero = float(q.scale.detach()), int(q.zero_point)
         grid = ((q.qmin - zero) * scale, (q.qmax - zero) * scale)
-        report.ranges.append(
-            CalibratedRange(name, _label(q), *grid, scale, zero, observer.lo, observer.hi)
-        )
+        report.ranges.append(CalibratedRange(name, _label(q), *grid, scale, zero, observer.lo, observer.hi))
     return report
 
 

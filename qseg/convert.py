@@ -244,7 +244,7 @@ class ConvertReport:
         return "\n".join(lines)
 
 
-def _frozen_act(module: ActQuant, name: str, report: ConvertReport) -> FrozenActQuant | None:
+def _frozen_act(module: ActQuant, name: str) -> FrozenActQuant | None:
     q = module.quantizer
     if isinstance(q, Uniform):
         if not bool(q.initialized):
@@ -432,7 +432,7 @@ def _convert_fx(qmodel: fx.GraphModule) -> fx.GraphModule:
     for node in list(gm.graph.nodes):
         module = g.module_of(gm, node)
         if isinstance(module, ActQuant):
-            frozen = _frozen_act(module, str(node.target), report)
+            frozen = _frozen_act(module, str(node.target))
             if frozen is not None:
                 gm.add_submodule(node.target, frozen)
                 grids[node.name] = frozen.grid
@@ -520,7 +520,7 @@ def _convert_fallback(qmodel: nn.Module, inputs: tuple) -> nn.Module:
         for child in _QUANTIZER_CHILDREN:
             quantizer = module._modules.get(child)
             name = f"{prefix}.{child}" if prefix else child
-            frozen = _frozen_act(quantizer, name, report) if isinstance(quantizer, ActQuant) else None
+            frozen = _frozen_act(quantizer, name) if isinstance(quantizer, ActQuant) else None
             if frozen is not None:
                 module.add_module(child, frozen)
     # a module's output is on a grid when its forward hook quantizes it

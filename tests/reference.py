@@ -378,7 +378,7 @@ def uniform_lsq_scale_grad(x: np.ndarray, scale: float, qmin: int, qmax: int) ->
     """LSQ's gradient of ``sum(quantize(x))`` with respect to the step ``s``, before the
     gradient scale: ``round(x/s) - x/s`` inside the range, ``qmin`` below, ``qmax`` above.
 
-    >>> uniform_lsq_scale_grad(np.array([0.26, -1.0, 9.0]), 0.1, -7, 7)
+    >>> round(uniform_lsq_scale_grad(np.array([0.26, -1.0, 9.0]), 0.1, -7, 7), 9)
     0.4
     """
     v = np.asarray(x, dtype=np.float64) / scale

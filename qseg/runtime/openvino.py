@@ -98,19 +98,13 @@ def run_openvino(
     OpenVINO's inference threads.
 
     Example:
-        >>> import tempfile, onnx, torch
-        >>> from onnx import TensorProto, helper
-        >>> nodes = [
-        ...     helper.make_node("QuantizeLinear", ["x", "s"], ["q"]),  # uint8 codes, zero point 0
-        ...     helper.make_node("DequantizeLinear", ["q", "s"], ["y"]),
-        ... ]
-        >>> x, y = (helper.make_tensor_value_info(name, TensorProto.FLOAT, [4]) for name in "xy")
-        >>> scale = helper.make_tensor("s", TensorProto.FLOAT, [], [0.5])
-        >>> graph = helper.make_graph(nodes, "qdq", [x], [y], [scale])
-        >>> path = f"{tempfile.mkdtemp()}/qdq.onnx"
-        >>> onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), path)
-        >>> run_openvino(path, (torch.tensor([-1.0, 0.8, 1.25, 200.0]),))  # onto 0.5 * [0, 255]
-        [array([  0. ,   1. ,   1. , 127.5], dtype=float32)]
+        >>> import tempfile, torch, qseg
+        >>> conv = torch.nn.Conv2d(1, 2, 3)
+        >>> x = torch.randn(1, 1, 8, 8)
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     (y,) = run_openvino(qseg.export_onnx(conv, x, f"{tmp}/c.onnx"), (x,), threads=1)
+        >>> y.shape, bool(abs(torch.from_numpy(y) - conv(x)).max() < 1e-5)
+        ((1, 2, 6, 6), True)
     """
     compiled = compile_openvino(path, threads=threads, exact=exact)
     result = compiled([t.detach().cpu().numpy() for t in inputs])

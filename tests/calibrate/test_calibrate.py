@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 import torch
-import torch.nn.functional as F
+from nets import Untraceable
 from torch import nn
 
 import qseg
@@ -90,20 +90,6 @@ def test_calibrate_restores_the_model_and_uses_at_most_the_given_batches():
 
 
 def test_fallback_model_calibrates_converts_and_exports(tmp_path):
-    class Untraceable(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.c1, self.b1 = nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8)
-            self.c2, self.b2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
-            self.head = nn.Conv2d(8, 1, 1)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            y = F.relu(self.b1(self.c1(x)))
-            z = F.relu(self.b2(self.c2(y)))
-            if torch.jit.isinstance(y, torch.Tensor):
-                z = z + y
-            return self.head(z)
-
     x = torch.rand(2, 1, 16, 16)
     q = qseg.prepare(Untraceable().eval(), W8A8, example_inputs=x)
     assert "torch.export" in q.qseg_report.capture

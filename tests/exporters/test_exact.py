@@ -11,7 +11,7 @@ from collections import Counter
 import openvino as ov
 import pytest
 import torch
-import torch.nn.functional as F
+from nets import Untraceable
 from torch import nn
 
 import qseg
@@ -75,23 +75,6 @@ def test_conv_input_placement_does_not_quantize_the_input_twice():
     on_input = [a for a in q.qseg_report.activations if a.after == "x"]
     assert [a.quantizer for a in on_input] == ["Q1.7 unsigned"], on_input
     assert q.qseg_report.layers[0].input == "-"
-
-
-class Untraceable(nn.Module):
-    """FX mis-traces it (torch.jit.isinstance is False on a proxy): prepared on the fallback."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.c1, self.b1 = nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8)
-        self.c2, self.b2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
-        self.head = nn.Conv2d(8, 1, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.relu(self.b1(self.c1(x)))
-        z = F.relu(self.b2(self.c2(y)))
-        if torch.jit.isinstance(y, torch.Tensor):
-            z = z + y
-        return self.head(z)
 
 
 def test_input_grid_on_the_fallback_path_is_bit_exact(tmp_path):

@@ -209,9 +209,11 @@ quantizers = st.one_of(
     ),
 )
 fixed_grid_quantizers = quantizers.filter(
-    lambda d: d["kind"] in ("fixed_point", "ternary_tanh")
-    or d == {"kind": "binary", "scale": "none"}
-    or (d["kind"] == "int" and d["channel_axis"] is None)  # a calibrated per-tensor grid
+    lambda d: (
+        d["kind"] in ("fixed_point", "ternary_tanh")
+        or d == {"kind": "binary", "scale": "none"}
+        or (d["kind"] == "int" and d["channel_axis"] is None)
+    )  # a calibrated per-tensor grid
 )
 overrides = st.fixed_dictionaries(
     {"name": st.sampled_from(["enc*", "head", "dec?.conv1"])},
