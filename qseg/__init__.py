@@ -14,6 +14,7 @@ from qseg.errors import (
     TraceError,
 )
 from qseg.exporters import export_onnx, export_openvino
+from qseg.hooks import TrainingHooks, training_hooks
 from qseg.prepare import prepare
 from qseg.recipes import Recipe
 
@@ -30,6 +31,7 @@ __all__ = [
     "Recipe",
     "RecipeError",
     "TraceError",
+    "TrainingHooks",
     "__version__",
     "active",
     "calibrate",
@@ -41,4 +43,5 @@ __all__ = [
     "prepare",
     "quantizers",
     "recipes",
+    "training_hooks",
 ]

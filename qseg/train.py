@@ -25,7 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from qseg.errors import DataError, ModelError
-from qseg.quantizers import Binary, TernaryTanh
+from qseg.hooks import training_hooks
 from qseg.recipes.training import Training
 
 if TYPE_CHECKING:
@@ -303,14 +303,7 @@ def fit(
     optimizer = make_optimizer(model, training)
     if inq is not None:
         inq.attach(optimizer)
-    annealed = [m for m in model.modules() if isinstance(m, TernaryTanh)]
-    # BNN (paper A's baseline) keeps its latent float weights in [-1, 1], where sign's
-    # straight-through gradient is non-zero
-    clipped = [
-        m.weight
-        for m in model.modules()
-        if isinstance(getattr(m, "weight_quant", None), Binary) and m.weight_quant.scale == "none"
-    ]
+    hooks = training_hooks(model)  # TernaryTanh annealing, BNN latent-weight clipping
     device = _device(model)
     gen = torch.Generator().manual_seed(seed)
     batch = training.batch_size
@@ -323,8 +316,7 @@ def fit(
                 inq.advance()  # type: ignore[union-attr]
             for group in optimizer.param_groups:
                 group["lr"] = training.lr_at(epoch / epochs)
-            for module in annealed:
-                module.anneal(epoch / max(epochs - 1, 1))
+            hooks.epoch(epoch / max(epochs - 1, 1))
             order = torch.randperm(len(images), generator=gen)
             total = 0.0
             for start in range(0, len(images), batch):
@@ -339,9 +331,7 @@ def fit(
                     raise DataError(f"the training loss became {value} at epoch {epoch + 1}; lower lr")
                 loss.backward()
                 optimizer.step()
-                with torch.no_grad():
-                    for weight in clipped:
-                        weight.clamp_(-1.0, 1.0)
+                hooks.step()
                 total += value * len(idx)
                 bar.update(1)
                 bar.set_postfix(epoch=f"{epoch + 1}/{epochs}", loss=f"{value:.4f}")
