@@ -144,9 +144,8 @@ def main() -> None:
     )
     print(f"# torch {torch.__version__}, qseg {qseg.__version__}, float training {args.steps} steps")
     # NNCF builds a C++ extension on first use (minutes): pay it before anything is timed
-    nncf_ptq(
-        nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Conv2d(2, 1, 1)).eval(), [torch.rand(1, 1, 8, 8)]
-    )
+    # (a small model of its own class: NNCF cannot wrap an nn.Sequential)
+    nncf_ptq(PaperUNet(widths=(2, 2, 2, 2)).eval(), [torch.rand(1, 1, 16, 16)])
     data = load_hela(test_frames=4, downscale=2)
     x, y = tiles(data.train_images, data.train_masks, CROP, stride=CROP // 2)
     gen = torch.Generator().manual_seed(SEED + 1)
