@@ -144,7 +144,7 @@ def main() -> None:
 
     features = cpu_features()
     print(
-        f"# CPU: {cpu_name()} ({os.cpu_count()} logical CPUs; {features.describe()}), {args.threads} threads"
+        f"# CPU: {cpu_name()} ({os.cpu_count()} logical CPUs; OpenVINO bf16: {features.bf16}), {args.threads} threads"
     )
     print(f"# torch {torch.__version__}, qseg {qseg.__version__}, float training {args.steps} steps")
     # NNCF builds a C++ extension on first use (minutes): pay it before anything is timed

@@ -106,22 +106,6 @@ GOAL_INT4_RATIO = 0.15
 # ---------------------------------------------------------------- environment
 
 
-def cpu_flags() -> str:
-    """The int8-relevant ISA flags of the CPU (avx2, avx512*, vnni, amx)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = line.split(":", 1)[1].split()
-                    wanted = [
-                        f for f in flags if f == "avx2" or "vnni" in f or f.startswith(("avx512", "amx"))
-                    ]
-                    return " ".join(wanted) or "-"
-    except OSError:
-        pass
-    return "?"
-
-
 def versions() -> str:
     import nncf
     import onnxruntime
@@ -540,8 +524,8 @@ def main() -> None:
 
     print(f"# {versions()}")
     print(
-        f"# CPU: {cpu_name()} ({os.cpu_count()} logical CPUs; flags: {cpu_flags()}; OpenVINO bf16: "
-        f"{cpu_features().bf16}), {args.threads} threads"
+        f"# CPU: {cpu_name()} ({os.cpu_count()} logical CPUs; OpenVINO bf16: {cpu_features().bf16}), "
+        f"{args.threads} threads"
     )
     print(
         f"# PaperUNet, input 1x1x{args.size}x{args.size}, median of {args.runs} interleaved rounds "

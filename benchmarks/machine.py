@@ -2,16 +2,10 @@
 
 from __future__ import annotations
 
-import platform
+from qseg.runtime import cpu_features
 
 
 def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo (the platform's name elsewhere)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    """The CPU model and its int8 / bf16 flags (``qseg.runtime.cpu_features``), e.g.
+    ``AMD EPYC (avx2)``."""
+    return cpu_features().describe()

@@ -245,7 +245,7 @@ def calibrate(
         q.observe_range(torch.tensor(lo), torch.tensor(hi))
         scale, zero = float(q.scale.detach()), int(q.zero_point)
         grid = ((q.qmin - zero) * scale, (q.qmax - zero) * scale)
-        report.ranges.append(CalibratedRange(name, _label(q), *grid, scale, zero, observer.lo, observer.hi))
+        report.ranges.append(CalibratedRange(name, q.label, *grid, scale, zero, observer.lo, observer.hi))
     return report
 
 
@@ -254,8 +254,3 @@ def _first(data: Iterable, count: int):
         if i >= count:
             return
         yield item
-
-
-def _label(q: Uniform) -> str:
-    prefix = "uint" if q.mode == "unsigned" else "int"
-    return f"{prefix}{q.bits}" + (" asym" if q.mode == "asymmetric" else "")

@@ -29,11 +29,10 @@ import torch
 from torch import nn
 
 from qseg.errors import QuantizerError
+from qseg.graph import BATCH_NORMS
 from qseg.quantizers import Binary, TernaryTanh, Uniform
 
 __all__ = ["TrainingHooks", "training_hooks"]
-
-NORMS = (nn.modules.batchnorm._BatchNorm,)
 
 
 def _fraction(name: str, value: float | None) -> float | None:
@@ -158,7 +157,7 @@ def training_hooks(
             hooks.annealed.append(module)
         elif isinstance(module, Uniform) and module.learn_scale:
             hooks.learned_scales.append(module.scale)
-        elif isinstance(module, NORMS):
+        elif isinstance(module, BATCH_NORMS):
             hooks.norms.append(module)
         quantizer = getattr(module, "weight_quant", None)
         if isinstance(quantizer, Binary) and quantizer.scale == "none":

@@ -135,6 +135,20 @@ class Uniform(Quantizer):
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
 
     @property
+    def label(self) -> str:
+        """A short name for tables: ``int8``, ``uint8``, ``int8 asym``, ``int8/ch``, ``int4 LSQ``...
+
+        Example:
+            >>> Uniform(8, channel_axis=0).label, Uniform(4, mode="unsigned", learn_scale=True).label
+            ('int8/ch', 'uint4 LSQ')
+        """
+        text = ("uint" if self.mode == "unsigned" else "int") + str(self.num_bits)
+        text += " asym" if self.mode == "asymmetric" else ""
+        text += "/ch" if self.channel_axis is not None else ""
+        text += " LSQ" if self.learn_scale else ""
+        return text + (" pow2" if self.power_of_two_scale else "")
+
+    @property
     def bits(self) -> int:
         """Stored bits per value (``bits``; the sign is one of them)."""
         return self.num_bits

@@ -134,12 +134,7 @@ class QuantizerConfig:
             text += "" if p.get("signed", True) else " unsigned"
             return text + (" wrap" if p.get("overflow") == "wrap" else "")
         if self.kind == "int":
-            mode = p.get("mode", "symmetric")
-            text = {"symmetric": "int", "unsigned": "uint", "asymmetric": "int"}[mode] + str(p["bits"])
-            text += " asym" if mode == "asymmetric" else ""
-            text += "/ch" if p.get("channel_axis") is not None else ""
-            text += " LSQ" if p.get("learn_scale") else ""
-            return text + (" pow2" if p.get("power_of_two_scale") else "")
+            return self.build().label
         if self.kind == "power_of_two":
             return f"INQ {p['bits']}-bit"
         if self.kind == "dorefa":
