@@ -17,15 +17,38 @@ from qseg.recipes.quantizer_config import KINDS
 from qseg.recipes.training import Inq, SuggestiveAnnotation, Training
 
 DOCS = (Path(__file__).parents[2] / "docs" / "recipes.md").read_text(encoding="utf-8")
-# qseg's deployment variants of a paper setup, not setups of the papers
-DEPLOYMENT = ["unet-qa6.0-qw0.4-exact"]
-PAPER_A = [n for n in builtin_names() if n.startswith("unet-") and n not in DEPLOYMENT]
+# qseg's variants of a paper setup (exact deployment, dynamic fixed point), not setups of the papers
+VARIANTS = ["unet-qa6.0-qw0.4-exact", "unet-qa8-qw8-dfp"]
+# qseg's recipes for any model, with calibrated scales
+GENERAL = ["int8", "w4a8"]
+PAPER_A = [n for n in builtin_names() if n.startswith("unet-") and n not in VARIANTS]
 PAPER_B = [n for n in builtin_names() if n.startswith("fcn-")]
 
 
-def test_every_builtin_belongs_to_a_paper_or_is_a_deployment_variant():
-    assert set(PAPER_A) | set(PAPER_B) | set(DEPLOYMENT) == set(builtin_names())
+def test_every_builtin_belongs_to_a_paper_or_is_a_variant_or_general():
+    assert set(PAPER_A) | set(PAPER_B) | set(VARIANTS) | set(GENERAL) == set(builtin_names())
     assert len(PAPER_A) == 6 and len(PAPER_B) == 5
+
+
+def test_general_recipes_quantize_every_layer_on_calibrated_grids():
+    for name, weight_bits, learned in [("int8", 8, False), ("w4a8", 4, True)]:
+        r = load(name)
+        assert not r.keep_float.first and not r.keep_float.last and r.strip_dropout, name
+        assert not r.rescale and r.inq is None, name
+        w, a = r.weights, r.activations
+        assert (w.kind, w.params["bits"], w.params["channel_axis"]) == ("int", weight_bits, 0), name
+        assert w.params.get("learn_scale", False) == learned, name
+        assert (a.kind, a.params["bits"], a.params["mode"]) == ("int", 8, "unsigned"), name
+        assert a.params.get("learn_scale", False) == learned and a.activation_grid, name
+        assert 1 <= r.training.epochs <= 2, name
+
+
+def test_dynamic_fixed_point_variant_is_paper_a_8_bit_with_per_layer_power_of_two_steps():
+    dfp, paper = load("unet-qa8-qw8-dfp"), load("unet-qa8.0-qw0.8")
+    assert dfp.weights.params == {"bits": 8, "power_of_two_scale": True}
+    assert dfp.activations.params == {"bits": 8, "mode": "unsigned", "power_of_two_scale": True}
+    same = ("keep_float", "activation_placement", "strip_dropout", "training")
+    assert all(getattr(dfp, key) == getattr(paper, key) for key in same)
 
 
 def test_exact_variant_is_paper_a_default_integer_from_input_to_output():
@@ -37,7 +60,7 @@ def test_exact_variant_is_paper_a_default_integer_from_input_to_output():
     assert all(getattr(exact, key) == getattr(paper, key) for key in same)
 
 
-@pytest.mark.parametrize("name", PAPER_A)
+@pytest.mark.parametrize("name", [*PAPER_A, "unet-qa8-qw8-dfp"])
 def test_paper_a_setups_keep_first_and_last_float_and_train_as_published(name):
     r = load(name)
     assert r.keep_float.first and r.keep_float.last and r.strip_dropout
@@ -93,7 +116,11 @@ def test_builtin_exports_to_onnx_and_matches(name, tmp_path):
     torch.manual_seed(0)
     model = PaperUNet(widths=(4, 8, 8, 8)).eval()
     x = torch.rand(1, 1, 16, 24)
-    converted = qseg.convert(qseg.prepare(model, name, example_inputs=x))
+    qmodel = qseg.prepare(model, name, example_inputs=x)
+    activations = load(name).activations
+    if activations is not None and activations.kind == "int":  # ranges from data, not a fixed grid
+        qseg.calibrate(qmodel, [torch.rand(2, 1, 16, 24) for _ in range(3)], progress=False)
+    converted = qseg.convert(qmodel)
     path = tmp_path / "m.onnx"
     qseg.export_onnx(converted, x, path)
     (result,) = check_parity(converted, x, onnx_path=path)
