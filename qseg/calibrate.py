@@ -17,11 +17,12 @@ from typing import Literal
 import torch
 from torch import nn
 
+from qseg.bias_correction import BiasCorrection, correct_biases
 from qseg.errors import DataError, QuantizerError
 from qseg.nn import ActQuant
 from qseg.quantizers import Uniform
 
-__all__ = ["CalibratedRange", "CalibrationReport", "calibrate"]
+__all__ = ["CalibratedRange", "CalibrationReport", "calibrate", "calibrated_quantizers"]
 
 Method = Literal["minmax", "percentile", "mse"]
 # values kept per quantizer and batch for the percentile and mse methods (a seeded sample)
@@ -69,8 +70,24 @@ class CalibrationReport:
     batches: int
     samples: int
     ranges: list[CalibratedRange] = field(default_factory=list)
+    #: what ``bias_correction=True`` did to each quantized layer (empty without it)
+    biases: list[BiasCorrection] = field(default_factory=list)
 
     def __str__(self) -> str:
+        return "\n".join([self._ranges_table(), *self._bias_lines()])
+
+    def _bias_lines(self) -> list[str]:
+        if not self.biases:
+            return []
+        corrected = [b for b in self.biases if b.skipped is None]
+        skipped = [f"{b.name} ({b.skipped})" for b in self.biases if b.skipped is not None]
+        largest = max((b.shift_max for b in corrected), default=0.0)
+        lines = [f"bias correction: {len(corrected)} layers, largest shift {largest:.3g}"]
+        if skipped:
+            lines.append("  not corrected: " + ", ".join(skipped))
+        return lines
+
+    def _ranges_table(self) -> str:
         count = len(self.ranges)
         head = (
             f"calibration: {self.method} over {self.batches} batches ({self.samples} samples), "
@@ -155,6 +172,7 @@ def calibrate(
     progress: bool = True,
     percentile: float = 99.99,
     seed: int = 0,
+    bias_correction: bool = False,
 ) -> CalibrationReport:
     """Set the range of every data-dependent activation quantizer of ``qmodel`` from ``data``.
 
@@ -171,13 +189,17 @@ def calibrate(
         progress: a progress bar on stderr.
         percentile: the upper percentile of the ``"percentile"`` method.
         seed: seeds the sample of values the percentile and mse methods keep.
+        bias_correction: then run ``data`` a second time, with every quantizer on, and add
+            to each quantized layer's bias the mean error its quantized weights make per
+            output channel (:mod:`qseg.bias_correction`). ``data`` must be iterable twice
+            (a list or a DataLoader, not a generator).
 
     Returns:
         A :class:`CalibrationReport`, one row per quantizer set.
 
     Raises:
         DataError: ``data`` yields nothing, something that is not a model input, or
-            activations that are not finite.
+            activations that are not finite; ``bias_correction`` with a one-shot iterator.
         QuantizerError: an unknown ``method`` or a ``percentile`` outside (50, 100].
 
     Example:
@@ -197,11 +219,11 @@ def calibrate(
         raise QuantizerError(f"method must be one of 'minmax', 'percentile', 'mse'; got {method!r}")
     if not 50.0 < percentile <= 100.0:
         raise QuantizerError(f"percentile must be in (50, 100], got {percentile}")
-    targets = {
-        name: m
-        for name, m in qmodel.named_modules()
-        if isinstance(m, ActQuant) and isinstance(m.quantizer, Uniform)
-    }
+    if bias_correction and iter(data) is data:
+        raise DataError(
+            "bias_correction runs the data twice: pass a list or a DataLoader, not a generator or iterator"
+        )
+    targets = calibrated_quantizers(qmodel)
     parameter = next(qmodel.parameters(), None)
     device = parameter.device if parameter is not None else torch.device("cpu")
     generator = torch.Generator().manual_seed(seed)
@@ -246,7 +268,34 @@ def calibrate(
         scale, zero = float(q.scale.detach()), int(q.zero_point)
         grid = ((q.qmin - zero) * scale, (q.qmax - zero) * scale)
         report.ranges.append(CalibratedRange(name, q.label, *grid, scale, zero, observer.lo, observer.hi))
+    if bias_correction:
+        items = data if batches is None else _first(data, batches)
+        inputs = (
+            tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in _as_args(b)) for b in items
+        )
+        report.biases = correct_biases(qmodel, inputs)
     return report
+
+
+def calibrated_quantizers(qmodel: nn.Module) -> dict[str, ActQuant]:
+    """The activation quantizers of ``qmodel`` whose range :func:`calibrate` sets, by name:
+    empty for a recipe of fixed grids only (which needs no calibration).
+
+    Example:
+        >>> import torch, qseg
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 1, 1))
+        >>> x = torch.randn(1, 1, 8, 8)
+        >>> list(calibrated_quantizers(qseg.prepare(model, "int8", example_inputs=x)))
+        ['_1_act_quant', 'input_1_act_quant']
+        >>> calibrated_quantizers(qseg.prepare(model, "unet-qa6.0-qw0.4", example_inputs=x))
+        {}
+    """
+    return {
+        name: m
+        for name, m in qmodel.named_modules()
+        if isinstance(m, ActQuant) and isinstance(m.quantizer, Uniform)
+    }
 
 
 def _first(data: Iterable, count: int):

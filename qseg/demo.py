@@ -3,8 +3,10 @@
 1. load the HeLa nucleus time-lapse (:mod:`qseg.data`; train on the early frames,
    test on the last four);
 2. train paper A's U-Net, width reduced to (16, 32, 64, 64) channels, in float;
-3. ``qseg.prepare`` it with the default recipe (Qa6.0/Qw0.4) and fine-tune it
-   quantization-aware with the recipe's optimizer, schedule and loss; the float model
+3. ``qseg.prepare`` it with the default recipe (Qa6.0/Qw0.4), or ``--recipe``; for a
+   recipe whose activation ranges come from data (``int8``, ``w4a8``), ``qseg.calibrate``
+   on 32 training crops; fine-tune it quantization-aware with the recipe's optimizer,
+   schedule and loss; the float model
    trains the same number of extra epochs, so both have had equal training;
 4. ``qseg.convert``, export QDQ ONNX and OpenVINO IR, check parity;
 5. print one table: dice of float, quantized PyTorch, onnxruntime and OpenVINO on the
@@ -29,6 +31,7 @@ import numpy as np
 import torch
 
 import qseg
+from qseg.calibrate import calibrated_quantizers
 from qseg.data import HELA_SOURCE, load_hela, tiles
 from qseg.exporters.parity import ParityResult, compare, parity_step
 from qseg.metrics import dice_score
@@ -59,6 +62,9 @@ class Settings:
     batch_size: int
     latency_runs: int
 
+
+# training crops that set the activation ranges of a calibrated recipe (int8, w4a8)
+CALIBRATION_CROPS = 32
 
 FULL = Settings((16, 32, 64, 64), 2, 96, None, 4, 6, 6, 8, 20)
 FAST = Settings((4, 8, 8, 8), 4, 48, 3, 1, 1, 1, 8, 3)
@@ -191,6 +197,12 @@ def run(
     # epochs, so the table compares equal training, not float vs float + fine-tuning
     qmodel = qseg.prepare(model, recipe, example_inputs=x[:1])
     say(f"prepared with {recipe.name}")
+    if calibrated_quantizers(qmodel):  # ranges from data (int8, w4a8): set them before training
+        crops = list(
+            x[torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:CALIBRATION_CROPS]]
+        )
+        report = qseg.calibrate(qmodel, [c[None] for c in crops], method="percentile", progress=False)
+        say(f"calibrated {len(report.ranges)} activation ranges on {report.batches} training crops")
     fit(
         qmodel,
         x,

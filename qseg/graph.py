@@ -449,6 +449,17 @@ class WeightedLayer:
     param: str
     functional: bool
 
+    @property
+    def output_channel_axis(self) -> int:
+        """The weight's axis of output channels: 1 for a transposed conv (its weight is
+        ``[in, out / groups, *kernel]``), 0 otherwise.
+
+        Example:
+            >>> WeightedLayer("up", "up", "ConvTranspose2d", "up.weight", False).output_channel_axis
+            1
+        """
+        return 1 if "transpose" in self.type_name.lower() else 0
+
 
 def _weight_node(node: fx.Node) -> fx.Node | None:
     weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")

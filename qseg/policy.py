@@ -91,6 +91,11 @@ def _decide_layers(gm: fx.GraphModule, recipe: Recipe) -> list[LayerDecision]:
                 weights, reason = override.weights, _override_desc(i, override)
             if override.activations is not INHERIT:
                 activations = override.activations
+        if weights is not None and weights.params.get("channel_axis") == 0 and layer.output_channel_axis:
+            # a recipe's axis 0 means "per output channel", which a transposed conv holds on axis 1
+            weights = QuantizerConfig(
+                weights.kind, {**weights.params, "channel_axis": layer.output_channel_axis}
+            )
         decisions.append(LayerDecision(layer, weights, reason, activations))
     return decisions
 

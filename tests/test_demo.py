@@ -62,3 +62,13 @@ def test_table_reports_sizes_and_latency(result):
     for r in result.rows:
         assert r["dice"] is None or 0.0 <= r["dice"] <= 1.0
     assert "not a human annotation" in result.table and result.table.count("\n|") >= 7
+
+
+def test_a_calibrated_recipe_runs_the_whole_demo(tmp_path, capsys):
+    # w4a8's activation ranges come from data: the demo calibrates them before fine-tuning
+    result = run(tmp_path, fast=True, progress=True, threads=2, recipe="w4a8")
+    assert "calibrated" in capsys.readouterr().err
+    saved = json.loads((result.out / "results.json").read_text())
+    assert saved["recipe"] == "w4a8"
+    for p in result.parity:
+        assert p.ok, p

@@ -163,3 +163,22 @@ def test_asymmetric_grids_after_leaky_relu_export_with_their_zero_point(tmp_path
         assert r.ok, r
     precisions = Counter(p.precision for p in runtime_precisions(ir_path))
     assert precisions["u8"] == 2, precisions  # the two middle convs read u8 codes with a zero point
+
+
+def test_transposed_convs_get_one_scale_per_output_channel(tmp_path):
+    # a transposed conv's weight is [in, out, k, k]: the recipe's "channel_axis: 0" (per output
+    # channel) is axis 1 there, or convert could not give the runtime per-output-channel scales
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.ConvTranspose2d(4, 6, 2, stride=2), nn.ReLU(),
+        nn.Conv2d(6, 1, 1),
+    ).eval()  # fmt: skip
+    q = qseg.prepare(model, "int8", example_inputs=torch.rand(1, 1, 8, 8))
+    up = q.get_submodule("2").weight_quant
+    assert up.channel_axis == 1 and up.scale.shape == (6,)
+    assert q.get_submodule("0").weight_quant.channel_axis == 0
+    qseg.calibrate(q, batches(2, size=8), progress=False)
+    c = qseg.convert(q)
+    onnx_path = export_onnx(c, torch.rand(1, 1, 8, 8), tmp_path / "m.onnx")
+    for r in check_parity(c, torch.rand(2, 1, 8, 8), onnx_path):
+        assert r.ok, r

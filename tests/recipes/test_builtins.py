@@ -31,7 +31,8 @@ def test_every_builtin_belongs_to_a_paper_or_is_a_variant_or_general():
 
 
 def test_general_recipes_quantize_every_layer_on_calibrated_grids():
-    for name, weight_bits, learned in [("int8", 8, False), ("w4a8", 4, True)]:
+    # int8 keeps its weight codes within 7 bits: exact on AVX2 int8 kernels without VNNI
+    for name, weight_bits, learned in [("int8", 7, False), ("w4a8", 4, True)]:
         r = load(name)
         assert not r.keep_float.first and not r.keep_float.last and r.strip_dropout, name
         assert not r.rescale and r.inq is None, name
