@@ -195,7 +195,7 @@ class Quantizer(nn.Module):
         """
         spec = self.spec(x)
         if spec is None:
-            return self(x).double().flatten()
+            return self(x).detach().double().flatten()
         codes = torch.arange(spec.qmin, spec.qmax + 1, dtype=torch.int64) - spec.zero_point
         return torch.outer(spec.scale.double().flatten(), codes.double()).ravel()
 
