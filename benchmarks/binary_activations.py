@@ -30,7 +30,6 @@ from qseg.data import HELA_SOURCE, load_hela, tiles
 from qseg.metrics import dice_score
 from qseg.models import PaperUNet
 from qseg.nn import ActQuant
-from qseg.quantizers import Binary, TernaryTanh
 from qseg.recipes import load
 from qseg.train import fit, predict
 
@@ -43,7 +42,7 @@ def put_relus_back(q: fx.GraphModule) -> int:
         module = q.get_submodule(node.target) if node.op == "call_module" else None
         if (
             isinstance(module, ActQuant)
-            and isinstance(module.quantizer, (Binary, TernaryTanh))
+            and module.quantizer.nonlinearity  # binary, ternary tanh
             and module.rule == "after BatchNorm"
         ):
             with q.graph.inserting_after(node):

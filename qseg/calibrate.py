@@ -20,7 +20,7 @@ from torch import nn
 from qseg.bias_correction import BiasCorrection, correct_biases
 from qseg.errors import DataError, QuantizerError
 from qseg.nn import ActQuant
-from qseg.quantizers import Uniform
+from qseg.quantizers import Quantizer
 
 __all__ = ["CalibratedRange", "CalibrationReport", "calibrate", "calibrated_quantizers"]
 
@@ -141,7 +141,7 @@ class _Observer(nn.Module):
         return x
 
 
-def _mse_range(q: Uniform, values: torch.Tensor, lo: float, hi: float) -> tuple[float, float]:
+def _mse_range(q: Quantizer, values: torch.Tensor, lo: float, hi: float) -> tuple[float, float]:
     """The shrink of ``[lo, hi]`` whose grid quantizes ``values`` with the least squared error."""
     best, best_error = (lo, hi), float("inf")
     for fraction in MSE_FRACTIONS.tolist():
@@ -265,8 +265,9 @@ def calibrate(
         elif method == "mse":
             lo, hi = _mse_range(q, torch.cat(observer.samples), lo, hi)
         q.observe_range(torch.tensor(lo), torch.tensor(hi))
-        scale, zero = float(q.scale.detach()), int(q.zero_point)
-        grid = ((q.qmin - zero) * scale, (q.qmax - zero) * scale)
+        spec = q.spec(None)  # set now: a calibrated grid needs no tensor
+        scale, zero = float(spec.scale), spec.zero_point
+        grid = ((spec.qmin - zero) * scale, (spec.qmax - zero) * scale)
         report.ranges.append(CalibratedRange(name, q.label, *grid, scale, zero, observer.lo, observer.hi))
     if bias_correction:
         items = data if batches is None else _first(data, batches)
@@ -292,9 +293,7 @@ def calibrated_quantizers(qmodel: nn.Module) -> dict[str, ActQuant]:
         {}
     """
     return {
-        name: m
-        for name, m in qmodel.named_modules()
-        if isinstance(m, ActQuant) and isinstance(m.quantizer, Uniform)
+        name: m for name, m in qmodel.named_modules() if isinstance(m, ActQuant) and m.quantizer.calibrated
     }
 
 

@@ -36,7 +36,6 @@ import qseg.ops  # noqa: F401  (registers torch.ops.qseg.*)
 from qseg import graph as g
 from qseg.errors import ExportError
 from qseg.nn import QUANTIZED, ActQuant
-from qseg.quantizers import FixedPoint, TernaryTanh, Uniform
 
 __all__ = ["ConvertReport", "FrozenActQuant", "FrozenLayer", "convert"]
 
@@ -246,20 +245,16 @@ class ConvertReport:
 
 def _frozen_act(module: ActQuant, name: str) -> FrozenActQuant | None:
     q = module.quantizer
-    if isinstance(q, Uniform):
-        if not bool(q.initialized):
-            raise ExportError(
-                f"activation quantizer {name} has no range yet: run qseg.calibrate(qmodel, data) "
-                "(or train the model) before convert"
-            )
-        spec = q.spec()
-        return FrozenActQuant(float(spec.scale), spec.qmin, spec.qmax, spec.zero_point)
-    # clamp(round(x / s)) reproduces these exactly; wrap mode and binary sign do not
-    uniform = (isinstance(q, FixedPoint) and q.overflow == "saturate") or isinstance(q, TernaryTanh)
-    if not uniform:
+    if not q.range_set:
+        raise ExportError(
+            f"activation quantizer {name} has no range yet: run qseg.calibrate(qmodel, data) "
+            "(or train the model) before convert"
+        )
+    # clamp(round(x / s) + z) reproduces the quantizer exactly, or None (wrap mode, binary sign)
+    spec = q.frozen_spec()
+    if spec is None:
         return None
-    spec = q.spec()
-    return FrozenActQuant(float(spec.scale), spec.qmin, spec.qmax)
+    return FrozenActQuant(float(spec.scale), spec.qmin, spec.qmax, spec.zero_point)
 
 
 def _is_power_of_two(x: float) -> bool:

@@ -30,7 +30,7 @@ from torch import nn
 
 from qseg.errors import QuantizerError
 from qseg.graph import BATCH_NORMS
-from qseg.quantizers import Binary, TernaryTanh, Uniform
+from qseg.quantizers import Quantizer
 
 __all__ = ["TrainingHooks", "training_hooks"]
 
@@ -65,7 +65,7 @@ class TrainingHooks:
         [5.5, 5.5]
     """
 
-    annealed: list[TernaryTanh] = field(default_factory=list)
+    annealed: list[Quantizer] = field(default_factory=list)
     clipped: list[torch.Tensor] = field(default_factory=list)
     learned_scales: list[nn.Parameter] = field(default_factory=list)
     norms: list[nn.Module] = field(default_factory=list)
@@ -74,7 +74,8 @@ class TrainingHooks:
 
     def epoch(self, progress: float) -> None:
         """Call at the start of every epoch, after ``model.train()``, with the training
-        progress in ``[0, 1]`` (``epoch / (epochs - 1)``): anneals TernaryTanh to it, and
+        progress in ``[0, 1]`` (``epoch / (epochs - 1)``): anneals the quantizers that follow it
+        (TernaryTanh's slope), and
         from the freeze points on keeps learned scales fixed and BatchNorms in eval mode.
 
         Example:
@@ -153,13 +154,14 @@ def training_hooks(
         freeze_norms_at=_fraction("freeze_norms_at", freeze_norms_at),
     )
     for module in qmodel.modules():
-        if isinstance(module, TernaryTanh):
-            hooks.annealed.append(module)
-        elif isinstance(module, Uniform) and module.learn_scale:
-            hooks.learned_scales.append(module.scale)
+        # each quantizer says what it needs (Quantizer.annealed, learned_range, clips_latent_weights)
+        if isinstance(module, Quantizer):
+            if module.annealed:
+                hooks.annealed.append(module)
+            hooks.learned_scales.extend(module.learned_range())
         elif isinstance(module, BATCH_NORMS):
             hooks.norms.append(module)
         quantizer = getattr(module, "weight_quant", None)
-        if isinstance(quantizer, Binary) and quantizer.scale == "none":
+        if isinstance(quantizer, Quantizer) and quantizer.clips_latent_weights:
             hooks.clipped.append(module.weight)
     return hooks

@@ -98,6 +98,8 @@ def _scheduled_layers(model: nn.Module) -> list[_Layer]:
     found = []
     for name, module in model.named_modules():
         quantizer = getattr(module, "weight_quant", None)
+        # INQ is an algorithm of the power-of-two grid (its incremental mode lives on
+        # PowerOfTwo): the class, not a capability, says which weights it schedules
         if type(module) in QUANTIZED.values() and isinstance(quantizer, PowerOfTwo):
             found.append(_Layer(name, module.weight, quantizer))
     for name, module in model.named_modules():

@@ -21,7 +21,7 @@ from torch import fx, nn
 
 from qseg.errors import QsegError
 from qseg.metrics import dice_score
-from qseg.quantizers import Binary, DoReFa, PowerOfTwo, Quantizer, Ternary, TernaryTanh
+from qseg.quantizers import Quantizer
 
 __all__ = ["prediction_overlay", "quantizer_grid", "uncertainty_map", "weight_histograms"]
 
@@ -148,7 +148,8 @@ def prediction_overlay(
 
 
 def quantizer_grid(quantizer: Quantizer, x: torch.Tensor) -> np.ndarray:
-    """The sorted values ``quantizer`` can output for the tensor ``x``.
+    """The sorted values ``quantizer`` can output for the tensor ``x``
+    (:meth:`~qseg.quantizers.Quantizer.grid_values`, each once).
 
     Fixed point: every ``k * 2^-f`` within saturation; power of two: ``0`` and
     ``+-2^p`` for ``n2 <= p <= n1`` (bounds fixed, or those of ``x``); binary,
@@ -165,37 +166,7 @@ def quantizer_grid(quantizer: Quantizer, x: torch.Tensor) -> np.ndarray:
         [-1.0, -0.5, 0.0, 0.5, 1.0]
     """
     with torch.no_grad():
-        x = x.detach()
-        if isinstance(quantizer, PowerOfTwo):
-            n1, n2 = quantizer.bounds(x)
-            powers = [2.0**p for p in range(n2, n1 + 1)]
-            values = np.array([0.0, *powers, *(-v for v in powers)])
-        elif isinstance(quantizer, TernaryTanh):
-            values = np.array([-1.0, 0.0, 1.0])
-        elif isinstance(quantizer, (Binary, Ternary)) or (
-            isinstance(quantizer, DoReFa) and quantizer.bits == 1
-        ):
-            # codes +-1 (and 0 for ternary) times a scale read off the output: the
-            # exact level, also where the scale is 0 (an all-zero tensor or slice)
-            codes = np.array([-1.0, 0.0, 1.0] if isinstance(quantizer, Ternary) else [-1.0, 1.0])
-            magnitude = quantizer(x).double().abs()
-            axis = getattr(quantizer, "channel_axis", None)
-            if axis is None:
-                scales = magnitude.max().reshape(1)
-            else:
-                scales = magnitude.amax(dim=[d for d in range(x.dim()) if d != axis])
-            values = np.outer(scales.numpy(), codes).ravel()
-        elif isinstance(quantizer, DoReFa):
-            # odd multiples of 1/(2^k - 1): 2^k levels, no zero
-            n = quantizer.levels
-            values = np.arange(-n, n + 1, 2) * float(quantizer.spec(x).scale)
-        else:
-            spec = quantizer.spec(x)
-            if spec is None:
-                values = quantizer(x).double().flatten().numpy()
-            else:
-                codes = np.arange(spec.qmin, spec.qmax + 1) - spec.zero_point
-                values = np.outer(spec.scale.double().flatten().numpy(), codes).ravel()
+        values = quantizer.grid_values(x.detach()).numpy()
     return np.unique(values)
 
 

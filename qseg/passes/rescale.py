@@ -209,6 +209,8 @@ def _fit_weights(gm: fx.GraphModule, exclusive: set[str], plan: dict) -> None:
         if module is None or type(module) not in QUANTIZED.values():
             continue
         quantizer = module.weight_quant
+        # this pass is fixed point arithmetic (a grid top 2^i - 2^-f fixed by the format),
+        # not a property other kinds could declare: the class is the right test here
         if not isinstance(quantizer, FixedPoint):
             continue  # a grid that follows the weights is used in full already
         name = str(node.target)
@@ -248,7 +250,7 @@ def _carriers(gm: fx.GraphModule, exclusive: set[str]) -> tuple[dict[str, FixedP
             continue
         quantizer = g.module_of(gm, users[0]).quantizer
         bn = gm.get_submodule(node.target)
-        if not isinstance(quantizer, FixedPoint):
+        if not isinstance(quantizer, FixedPoint):  # the factor B is chosen for Q i.f's grid
             return (
                 {},
                 f"the activation quantizer after {node.target} is {type(quantizer).__name__}, not fixed point",
@@ -289,7 +291,8 @@ def _first_only(gm: fx.GraphModule, node: fx.Node) -> bool:
         module = gm.get_submodule(node.target)
         if isinstance(module, ActQuant):
             # a fixed grid does not move with its input: a scaled input uses more of it, the
-            # float function (the quantizer as identity) is homogeneous
+            # float function (the quantizer as identity) is homogeneous. Fixed point only:
+            # TernaryTanh's grid is fixed too, but its float function (tanh) is not homogeneous
             return isinstance(module.quantizer, FixedPoint)
         return isinstance(module, _HOMOGENEOUS_MODULES)
     if node.op == "call_function":

@@ -108,10 +108,118 @@ class Quantizer(nn.Module):
         Ternary 2 [1, -1, 0]
     """
 
+    # What the rest of qseg asks a quantizer instead of testing its class. Each has a
+    # neutral default here; a subclass overrides what differs (a class attribute, or a
+    # property where the answer depends on its arguments). See docs/quantizers.md,
+    # "Adding a quantizer kind".
+
+    #: The grid holds negative values (an unsigned ``FixedPoint``, a ``Uniform`` in
+    #: ``unsigned`` mode do not).
+    signed: bool = True
+    #: The grid is fixed by the arguments, not a statistic of the tensor: tensors that
+    #: meet at a concatenation or an addition can share it, so it may quantize activations.
+    fixed_grid: bool = False
+    #: The grid's range is set from observed values by :func:`qseg.calibrate` through
+    #: :meth:`observe_range` (``Uniform``).
+    calibrated: bool = False
+    #: On activations it is the activation function itself (BNN's sign, TernaryNet's
+    #: ternary tanh): ``prepare`` removes the ReLU it stands in for.
+    nonlinearity: bool = False
+    #: It follows the training progress: training loops call :meth:`anneal` every epoch.
+    annealed: bool = False
+    #: The float weights it quantizes are kept in ``[-1, 1]`` after every optimizer step
+    #: (BNN, paper A), where its straight-through gradient is not zero.
+    clips_latent_weights: bool = False
+
     @property
     def bits(self) -> int:
         """Bits one stored value needs, sign included."""
         raise NotImplementedError
+
+    @property
+    def label(self) -> str:
+        """A short name for tables (``Q0.4``, ``int8/ch``, ``ternary``); the class name
+        unless a subclass says better."""
+        return type(self).__name__
+
+    @property
+    def activation_grid(self) -> bool:
+        """True when the quantizer can stand on activations: a fixed grid, or a grid set
+        by calibration."""
+        return self.fixed_grid or self.calibrated
+
+    @property
+    def range_set(self) -> bool:
+        """False while a grid that comes from data (a calibrated one) is still unset."""
+        return True
+
+    def observe_range(self, lo: torch.Tensor, hi: torch.Tensor) -> None:  # noqa: ARG002
+        """Set the grid so that it covers ``[lo, hi]``: what :func:`qseg.calibrate` does to
+        quantizers that are :attr:`calibrated`; the others refuse.
+
+        Example:
+            >>> import torch
+            >>> from qseg.quantizers import FixedPoint
+            >>> FixedPoint(0, 4).observe_range(torch.tensor(0.0), torch.tensor(1.0))
+            Traceback (most recent call last):
+            ...
+            qseg.errors.QuantizerError: FixedPoint's grid is not calibrated: it has no range to set
+        """
+        raise QuantizerError(f"{type(self).__name__}'s grid is not calibrated: it has no range to set")
+
+    def frozen_spec(self) -> QuantSpec | None:
+        """The grid an activation quantizer freezes into for deployment
+        (``qseg.convert``'s ``FrozenActQuant``), or ``None`` when its forward is not
+        ``clamp(round(x / scale) + zero_point, qmin, qmax)`` on a fixed grid, exactly.
+
+        Example:
+            >>> from qseg.quantizers import Binary, FixedPoint
+            >>> FixedPoint(6, 0, signed=False).frozen_spec()
+            QuantSpec(scale=tensor(1.), zero_point=0, qmin=0, qmax=63, axis=None)
+            >>> Binary().frozen_spec() is None               # sign(0) = +1 is not a rounding
+            True
+        """
+        return None
+
+    def grid_values(self, x: torch.Tensor) -> torch.Tensor:
+        """Every value the quantizer can output for ``x`` (float64, maybe repeated, in
+        no particular order): by default the values of :meth:`spec`'s grid, or, without
+        a uniform grid, the values ``self(x)`` takes. Used to draw the grid
+        (:func:`qseg.plots.quantizer_grid`).
+
+        Example:
+            >>> import torch
+            >>> from qseg.quantizers import FixedPoint
+            >>> FixedPoint(0, 1).grid_values(torch.zeros(2))
+            tensor([-0.5000,  0.0000,  0.5000], dtype=torch.float64)
+        """
+        spec = self.spec(x)
+        if spec is None:
+            return self(x).detach().double().flatten()
+        codes = torch.arange(spec.qmin, spec.qmax + 1, dtype=torch.int64) - spec.zero_point
+        return torch.outer(spec.scale.double().flatten(), codes.double()).ravel()
+
+    def anneal(self, progress: float) -> float | None:  # noqa: ARG002
+        """Follow the training progress in ``[0, 1]``; nothing unless :attr:`annealed`.
+
+        Example:
+            >>> from qseg.quantizers import FixedPoint, TernaryTanh
+            >>> FixedPoint(0, 4).anneal(0.5) is None, TernaryTanh(3.0, 8.0).anneal(0.5)
+            (True, 5.5)
+        """
+        return None
+
+    def learned_range(self) -> list[nn.Parameter]:
+        """The parameters of the grid that training learns (LSQ's scale), which
+        :func:`qseg.training_hooks` freezes late in training; none by default.
+
+        Example:
+            >>> from qseg.quantizers import FixedPoint, Uniform
+            >>> FixedPoint(0, 4).learned_range(), Uniform(4, learn_scale=True).learned_range()
+            ([], [Parameter containing:
+            tensor(1., requires_grad=True)])
+        """
+        return []
 
     def init_from(self, x: torch.Tensor, reset: bool = False) -> None:
         """Set a grid that comes from the data from ``x``, if it is not set yet (or

@@ -9,6 +9,7 @@ import torch
 
 from qseg.errors import QuantizerError
 from qseg.quantizers.base import Quantizer, QuantSpec, check_choice, compute_dtype, straight_through
+from qseg.quantizers.registry import register_kind
 
 __all__ = ["Binary"]
 
@@ -24,6 +25,20 @@ def mean_abs(x: torch.Tensor) -> torch.Tensor:
     Accumulated in float64: a float32 sum of large weights can overflow where the
     mean itself is representable."""
     return x.detach().abs().mean(dtype=torch.float64).to(x.dtype)
+
+
+def scaled_codes(
+    quantizer: Quantizer, x: torch.Tensor, codes: tuple[float, ...], axis: int | None
+) -> torch.Tensor:
+    """``codes`` times each scale ``quantizer(x)`` shows (its largest magnitude, per slice
+    along ``axis``): the exact levels of a ``code * scale`` grid, also where a scale is 0."""
+    with torch.no_grad():
+        magnitude = quantizer(x.detach()).double().abs()
+    if axis is None:
+        scales = magnitude.max().reshape(1)
+    else:
+        scales = magnitude.amax(dim=[d for d in range(x.dim()) if d != axis])
+    return torch.outer(scales, torch.tensor(codes, dtype=torch.float64)).ravel()
 
 
 class Binary(Quantizer):
@@ -46,6 +61,8 @@ class Binary(Quantizer):
         tensor([ 1., -1.,  1.])
     """
 
+    nonlinearity = True
+
     def __init__(self, scale: Literal["none", "mean"] = "none") -> None:
         super().__init__()
         self.scale = check_choice("scale", scale, ("none", "mean"))
@@ -53,6 +70,31 @@ class Binary(Quantizer):
     @property
     def bits(self) -> int:
         return 1
+
+    @property
+    def label(self) -> str:
+        """``binary``, or ``binary x mean`` with ``scale="mean"``."""
+        return "binary x mean" if self.scale == "mean" else "binary"
+
+    @property
+    def fixed_grid(self) -> bool:
+        """True for ``scale="none"`` (``{-1, +1}``); the mean scale is a statistic of the tensor."""
+        return self.scale == "none"
+
+    @property
+    def clips_latent_weights(self) -> bool:
+        """True for BNN's ``scale="none"``: its gradient is zero outside ``[-1, 1]``."""
+        return self.scale == "none"
+
+    def grid_values(self, x: torch.Tensor) -> torch.Tensor:
+        """``+-1`` times the level ``self(x)`` reaches (1, or ``E|x|``; 0 for an all-zero tensor).
+
+        Example:
+            >>> import torch
+            >>> Binary(scale="mean").grid_values(torch.tensor([0.5, -1.0, 1.5])).tolist()
+            [-1.0, 1.0]
+        """
+        return scaled_codes(self, x, (-1.0, 1.0), None)
 
     def spec(self, x: torch.Tensor | None = None) -> QuantSpec:
         """Codes ``{-1, +1}`` with scale 1 (``scale="none"``) or ``E|x|`` (``scale="mean"``,
@@ -90,3 +132,6 @@ class Binary(Quantizer):
 
     def extra_repr(self) -> str:
         return f"scale={self.scale!r}"
+
+
+register_kind("binary", Binary, optional=("scale",))

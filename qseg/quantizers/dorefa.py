@@ -6,6 +6,7 @@ import torch
 
 from qseg.quantizers.base import Quantizer, QuantSpec, check_int, compute_dtype, straight_through
 from qseg.quantizers.binary import Binary
+from qseg.quantizers.registry import register_kind
 
 __all__ = ["DoReFa"]
 
@@ -43,6 +44,11 @@ class DoReFa(Quantizer):
         return self._bits
 
     @property
+    def label(self) -> str:
+        """``DoReFa k-bit``."""
+        return f"DoReFa {self._bits}-bit"
+
+    @property
     def levels(self) -> int:
         """``2^k - 1``: the number of steps between -1 and +1."""
         return 2**self._bits - 1
@@ -64,6 +70,20 @@ class DoReFa(Quantizer):
         n = self.levels
         return QuantSpec(scale=torch.tensor(1.0 / n, dtype=dtype), zero_point=0, qmin=-n, qmax=n)
 
+    def grid_values(self, x: torch.Tensor) -> torch.Tensor:
+        """The ``2^k`` odd multiples of ``1 / (2^k - 1)`` (no zero); for ``k = 1`` the two
+        levels of ``Binary(scale="mean")`` for ``x``.
+
+        Example:
+            >>> import torch
+            >>> [round(v, 4) for v in DoReFa(2).grid_values(torch.zeros(1)).tolist()]
+            [-1.0, -0.3333, 0.3333, 1.0]
+        """
+        if self._binary is not None:
+            return self._binary.grid_values(x)
+        n = self.levels
+        return torch.arange(-n, n + 1, 2, dtype=torch.float64) * float(self.spec(x).scale)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._binary is not None:
             return self._binary(x)
@@ -82,3 +102,6 @@ class DoReFa(Quantizer):
 
     def extra_repr(self) -> str:
         return f"bits={self._bits}"
+
+
+register_kind("dorefa", DoReFa, required=("bits",))

@@ -22,6 +22,7 @@ from qseg.quantizers.base import (
     compute_dtype,
     straight_through,
 )
+from qseg.quantizers.registry import register_kind
 
 __all__ = ["FixedPoint"]
 
@@ -58,6 +59,8 @@ class FixedPoint(Quantizer):
         5
     """
 
+    fixed_grid = True
+
     def __init__(
         self,
         int_bits: int,
@@ -78,6 +81,12 @@ class FixedPoint(Quantizer):
         self.signed = signed
         self.overflow = check_choice("overflow", overflow, ("saturate", "wrap"))
         self.ste = check_choice("ste", ste, ("clipped", "identity"))
+
+    @property
+    def label(self) -> str:
+        """``Q i.f``, with `` unsigned`` and `` wrap`` where they apply: ``Q0.4``, ``Q6.0 unsigned``."""
+        text = f"Q{self.int_bits}.{self.frac_bits}" + ("" if self.signed else " unsigned")
+        return text + (" wrap" if self.overflow == "wrap" else "")
 
     @property
     def step(self) -> float:
@@ -108,6 +117,16 @@ class FixedPoint(Quantizer):
         """
         qmin = -self.max_code if self.signed else 0
         return QuantSpec(scale=torch.tensor(self.step), zero_point=0, qmin=qmin, qmax=self.max_code)
+
+    def frozen_spec(self) -> QuantSpec | None:
+        """:meth:`spec` in saturate mode, where the forward is ``clamp(round(x / 2^-f))``;
+        ``None`` in wrap mode, whose published formula is not that.
+
+        Example:
+            >>> FixedPoint(0, 4).frozen_spec().qmax, FixedPoint(0, 4, overflow="wrap").frozen_spec()
+            (15, None)
+        """
+        return self.spec() if self.overflow == "saturate" else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = compute_dtype(x)
@@ -149,3 +168,12 @@ class FixedPoint(Quantizer):
         if self.ste != "clipped":
             parts.append(f"ste={self.ste!r}")
         return ", ".join(parts)
+
+
+register_kind(
+    "fixed_point",
+    FixedPoint,
+    required=("int_bits", "frac_bits"),
+    optional=("signed", "overflow", "ste"),
+    as_signed=lambda params: {**params, "signed": True},
+)

@@ -16,6 +16,7 @@ import torch
 
 from qseg.errors import QuantizerError
 from qseg.quantizers.base import Quantizer, QuantSpec, check_int, compute_dtype, straight_through
+from qseg.quantizers.registry import register_kind
 
 __all__ = ["PowerOfTwo"]
 
@@ -88,6 +89,11 @@ class PowerOfTwo(Quantizer):
     @property
     def bits(self) -> int:
         return self._bits
+
+    @property
+    def label(self) -> str:
+        """``INQ b-bit``."""
+        return f"INQ {self._bits}-bit"
 
     @property
     def num_exponents(self) -> int:
@@ -201,6 +207,17 @@ class PowerOfTwo(Quantizer):
         """
         return None
 
+    def grid_values(self, x: torch.Tensor) -> torch.Tensor:
+        """``0`` and ``+-2^p`` for ``n2 <= p <= n1`` (the fixed bounds, or those of ``x``).
+
+        Example:
+            >>> PowerOfTwo(bits=3).grid_values(torch.tensor([0.9])).sort().values.tolist()
+            [-1.0, -0.5, 0.0, 0.5, 1.0]
+        """
+        n1, n2 = self.bounds(x.detach())
+        powers = [2.0**p for p in range(n2, n1 + 1)]
+        return torch.tensor([0.0, *powers, *(-v for v in powers)], dtype=torch.float64)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() == 0:
             return x.clone()
@@ -278,3 +295,6 @@ class PowerOfTwo(Quantizer):
             share = float(self.frozen.float().mean()) if self.frozen.numel() else 0.0
             inq = f", INQ stage {int(self.stage)}, {share:.1%} frozen"
         return f"bits={self._bits}{fixed}{inq}"
+
+
+register_kind("power_of_two", PowerOfTwo, required=("bits",))

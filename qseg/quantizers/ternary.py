@@ -7,6 +7,8 @@ import torch
 
 from qseg.errors import QuantizerError
 from qseg.quantizers.base import Quantizer, QuantSpec, check_axis, compute_dtype, straight_through
+from qseg.quantizers.binary import scaled_codes
+from qseg.quantizers.registry import register_kind
 
 __all__ = ["Ternary", "TernaryTanh"]
 
@@ -37,6 +39,21 @@ class Ternary(Quantizer):
     @property
     def bits(self) -> int:
         return 2
+
+    @property
+    def label(self) -> str:
+        """``ternary``, or ``ternary/axis a`` per channel."""
+        return "ternary" if self.channel_axis is None else f"ternary/axis {self.channel_axis}"
+
+    def grid_values(self, x: torch.Tensor) -> torch.Tensor:
+        """``-alpha, 0, alpha`` for each ``alpha`` of ``x`` (per slice along ``channel_axis``).
+
+        Example:
+            >>> import torch
+            >>> Ternary(channel_axis=0).grid_values(torch.tensor([[0.9, -0.6], [0.5, 0.5]])).tolist()
+            [-0.75, 0.0, 0.75, -0.5, 0.0, 0.5]
+        """
+        return scaled_codes(self, x, (-1.0, 0.0, 1.0), self.channel_axis)
 
     def _stats(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(delta, alpha)``, shaped to broadcast against ``x``."""
@@ -112,6 +129,10 @@ class TernaryTanh(Quantizer):
         tensor([-1.,  0.,  0.,  1.])
     """
 
+    fixed_grid = True
+    nonlinearity = True
+    annealed = True
+
     def __init__(self, beta_start: float = 3.0, beta_end: float = 8.0) -> None:
         super().__init__()
         for name, value in (("beta_start", beta_start), ("beta_end", beta_end)):
@@ -124,6 +145,11 @@ class TernaryTanh(Quantizer):
     @property
     def bits(self) -> int:
         return 2
+
+    @property
+    def label(self) -> str:
+        """``ternary tanh``."""
+        return "ternary tanh"
 
     def anneal(self, progress: float) -> float:
         """Set ``beta`` for training progress in ``[0, 1]`` (linear from start to end); returns it.
@@ -154,6 +180,16 @@ class TernaryTanh(Quantizer):
         """
         return QuantSpec(scale=torch.tensor(1.0), **_TERNARY_CODES)
 
+    def frozen_spec(self) -> QuantSpec:
+        """The eval-mode grid: ``clamp(round(x))`` to ``{-1, 0, 1}`` is ``sign(x) * 1[|x| > 0.5]``
+        (ties to even put 0.5 at 0).
+
+        Example:
+            >>> TernaryTanh().frozen_spec()
+            QuantSpec(scale=tensor(1.), zero_point=0, qmin=-1, qmax=1, axis=None)
+        """
+        return self.spec()
+
     def _soft(self, x: torch.Tensor) -> torch.Tensor:
         b = self.beta.to(x.dtype)
         return 0.5 * torch.tanh(b * (2 * x - 1)) + 0.5 * torch.tanh(b * (2 * x + 1))
@@ -171,3 +207,7 @@ class TernaryTanh(Quantizer):
 
     def extra_repr(self) -> str:
         return f"beta_start={self.beta_start}, beta_end={self.beta_end}"
+
+
+register_kind("ternary", Ternary, optional=("channel_axis",))
+register_kind("ternary_tanh", TernaryTanh, optional=("beta_start", "beta_end"))

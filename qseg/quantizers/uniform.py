@@ -28,6 +28,7 @@ from qseg.quantizers.base import (
     compute_dtype,
     straight_through,
 )
+from qseg.quantizers.registry import register_kind
 
 __all__ = ["Uniform"]
 
@@ -97,6 +98,8 @@ class Uniform(Quantizer):
         tensor([0.0000, 0.2000, 1.0000, 3.0000])
     """
 
+    calibrated = True
+
     def __init__(
         self,
         bits: int,
@@ -152,6 +155,30 @@ class Uniform(Quantizer):
     def bits(self) -> int:
         """Stored bits per value (``bits``; the sign is one of them)."""
         return self.num_bits
+
+    @property
+    def signed(self) -> bool:
+        """False in ``unsigned`` mode; the asymmetric grid reaches below 0 through its zero point."""
+        return self.mode != "unsigned"
+
+    @property
+    def activation_grid(self) -> bool:
+        """Per tensor only: the scale is set by calibration, one per activation quantizer."""
+        return self.channel_axis is None
+
+    @property
+    def range_set(self) -> bool:
+        """Whether the scale is set (by :meth:`observe_range`, or a first forward)."""
+        return bool(self.initialized)
+
+    def learned_range(self) -> list[nn.Parameter]:
+        """``[scale]`` when it is learned (``learn_scale``), else ``[]``.
+
+        Example:
+            >>> Uniform(8, learn_scale=True).learned_range()[0].requires_grad, Uniform(8).learned_range()
+            (True, [])
+        """
+        return [self.scale] if self.learn_scale else []
 
     # ---- setting the scale ----------------------------------------------------------------
 
@@ -261,6 +288,21 @@ class Uniform(Quantizer):
             axis=self.channel_axis,
         )
 
+    def frozen_spec(self) -> QuantSpec:
+        """The grid set so far (``clamp(round(x / s) + z)`` is this quantizer's forward).
+
+        Raises:
+            QuantizerError: the scale is not set yet.
+
+        Example:
+            >>> import torch
+            >>> q = Uniform(8, mode="unsigned")
+            >>> q.observe_range(torch.tensor(0.0), torch.tensor(2.55))
+            >>> q.frozen_spec().qmax, round(float(q.frozen_spec().scale), 6)
+            (255, 0.01)
+        """
+        return self.spec()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = compute_dtype(x)
         scale = self._scale_for(x)
@@ -300,3 +342,13 @@ class Uniform(Quantizer):
                 value = torch.empty_like(state_dict[key])
                 self.scale = nn.Parameter(value) if self.learn_scale else value
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+register_kind(
+    "int",
+    Uniform,
+    required=("bits",),
+    optional=("mode", "channel_axis", "learn_scale", "power_of_two_scale"),
+    # an unsigned grid with room below 0: a zero point
+    as_signed=lambda params: {**params, "mode": "asymmetric"},
+)

@@ -1,5 +1,8 @@
-"""One quantizer of a recipe, by kind and arguments (:class:`QuantizerConfig`), and the
-table of quantizer kinds a recipe may name (``KINDS``)."""
+"""One quantizer of a recipe, by kind and arguments (:class:`QuantizerConfig`).
+
+The kinds a recipe may name, and their keys, are those registered in
+:mod:`qseg.quantizers.registry`; every other question about a quantizer (label,
+signedness, grid) is answered by the quantizer it builds."""
 
 from __future__ import annotations
 
@@ -8,52 +11,21 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from qseg.errors import QuantizerError, RecipeError
-from qseg.quantizers import Binary, DoReFa, FixedPoint, PowerOfTwo, Quantizer, Ternary, TernaryTanh, Uniform
+from qseg.quantizers import Quantizer, get_kind, kind_names
 from qseg.recipes._checks import _check_keys, _check_str, _error
 
-__all__ = ["KINDS", "QuantizerConfig"]
-
-
-@dataclass(frozen=True)
-class _Kind:
-    cls: type[Quantizer]
-    required: tuple[str, ...]
-    optional: tuple[str, ...]
-    # its grid is fixed (not a statistic of the tensor), so tensors that meet at
-    # a concatenation or an addition share it: usable for activations
-    fixed_grid: bool
-    # on activations it is the nonlinearity itself (BNN's sign, TernaryNet's ternary
-    # tanh): its negative level carries information that a ReLU after it would erase
-    nonlinearity: bool = False
-    # usable on activations although its grid is data-dependent: each quantizer's range
-    # is set by calibration, and a layer reading tensors of two such grids gets its own
-    calibrated: bool = False
-
-
-KINDS: dict[str, _Kind] = {
-    "fixed_point": _Kind(FixedPoint, ("int_bits", "frac_bits"), ("signed", "overflow", "ste"), True),
-    "power_of_two": _Kind(PowerOfTwo, ("bits",), (), False),
-    "int": _Kind(
-        Uniform,
-        ("bits",),
-        ("mode", "channel_axis", "learn_scale", "power_of_two_scale"),
-        False,
-        calibrated=True,
-    ),
-    "binary": _Kind(Binary, (), ("scale",), True, nonlinearity=True),
-    "dorefa": _Kind(DoReFa, ("bits",), (), False),
-    "ternary": _Kind(Ternary, (), ("channel_axis",), False),
-    "ternary_tanh": _Kind(TernaryTanh, (), ("beta_start", "beta_end"), True, nonlinearity=True),
-}
+__all__ = ["QuantizerConfig"]
 
 
 @dataclass(frozen=True)
 class QuantizerConfig:
     """One quantizer, by kind and keyword arguments: ``{kind: fixed_point, int_bits: 0, frac_bits: 4}``.
 
-    Kinds: ``fixed_point`` (:class:`~qseg.quantizers.FixedPoint`), ``power_of_two``,
+    Kinds: those registered with :func:`~qseg.quantizers.register_kind`:
+    ``fixed_point`` (:class:`~qseg.quantizers.FixedPoint`), ``power_of_two``, ``int``,
     ``binary``, ``dorefa``, ``ternary``, ``ternary_tanh``; the other keys are the
-    quantizer's constructor arguments, checked by building it once.
+    quantizer's constructor arguments, checked by building it once. The properties
+    below ask the quantizer it builds.
 
     Example:
         >>> QuantizerConfig("fixed_point", {"int_bits": 0, "frac_bits": 4}).build()
@@ -64,10 +36,10 @@ class QuantizerConfig:
     params: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise _error("kind", f"unknown quantizer {self.kind!r}; allowed: {', '.join(KINDS)}")
-        spec = KINDS[self.kind]
-        _check_keys(self.params, "", spec.required + spec.optional, spec.required)
+        if self.kind not in kind_names():
+            raise _error("kind", f"unknown quantizer {self.kind!r}; allowed: {', '.join(kind_names())}")
+        spec = get_kind(self.kind)
+        _check_keys(self.params, "", spec.keys, spec.required)
         object.__setattr__(self, "params", dict(self.params))
         try:
             self.build()
@@ -82,7 +54,7 @@ class QuantizerConfig:
     @property
     def fixed_grid(self) -> bool:
         """True when the grid does not depend on the data (usable for activations)."""
-        return KINDS[self.kind].fixed_grid and self.params.get("scale", "none") == "none"
+        return self.build().fixed_grid
 
     @property
     def activation_grid(self) -> bool:
@@ -95,9 +67,7 @@ class QuantizerConfig:
             >>> QuantizerConfig("int", {"bits": 8, "channel_axis": 0}).activation_grid
             False
         """
-        if KINDS[self.kind].calibrated:
-            return self.params.get("channel_axis") is None
-        return self.fixed_grid
+        return self.build().activation_grid
 
     @property
     def nonlinearity(self) -> bool:
@@ -109,14 +79,12 @@ class QuantizerConfig:
             >>> QuantizerConfig("binary").nonlinearity, QuantizerConfig("fixed_point", {"int_bits": 6, "frac_bits": 0}).nonlinearity
             (True, False)
         """
-        return KINDS[self.kind].nonlinearity
+        return self.build().nonlinearity
 
     @property
     def signed(self) -> bool:
         """Whether the grid holds negative values."""
-        if self.kind == "int":
-            return self.params.get("mode", "symmetric") != "unsigned"
-        return self.params.get("signed", True) if self.kind == "fixed_point" else True
+        return self.build().signed
 
     @property
     def label(self) -> str:
@@ -128,22 +96,7 @@ class QuantizerConfig:
             >>> QuantizerConfig("int", {"bits": 4, "mode": "unsigned", "learn_scale": True}).label
             'uint4 LSQ'
         """
-        p = self.params
-        if self.kind == "fixed_point":
-            text = f"Q{p['int_bits']}.{p['frac_bits']}"
-            text += "" if p.get("signed", True) else " unsigned"
-            return text + (" wrap" if p.get("overflow") == "wrap" else "")
-        if self.kind == "int":
-            return self.build().label
-        if self.kind == "power_of_two":
-            return f"INQ {p['bits']}-bit"
-        if self.kind == "dorefa":
-            return f"DoReFa {p['bits']}-bit"
-        if self.kind == "binary":
-            return "binary x mean" if p.get("scale") == "mean" else "binary"
-        if self.kind == "ternary":
-            return "ternary" if p.get("channel_axis") is None else f"ternary/axis {p['channel_axis']}"
-        return "ternary tanh"
+        return self.build().label
 
     def build(self) -> Quantizer:
         """A new quantizer module with these arguments.
@@ -154,7 +107,7 @@ class QuantizerConfig:
             >>> q(torch.tensor([0.3, -0.9]))
             tensor([ 0.2500, -0.7500])
         """
-        return KINDS[self.kind].cls(**self.params)
+        return get_kind(self.kind).build(self.params)
 
     def as_signed(self) -> QuantizerConfig:
         """The same format with a sign (for activations that can be negative).
@@ -168,9 +121,10 @@ class QuantizerConfig:
         """
         if self.signed:
             return self
-        if self.kind == "int":  # an unsigned grid with room below 0: a zero point
-            return QuantizerConfig(self.kind, {**self.params, "mode": "asymmetric"})
-        return QuantizerConfig(self.kind, {**self.params, "signed": True})
+        as_signed = get_kind(self.kind).as_signed
+        if as_signed is None:
+            raise QuantizerError(f"quantizer kind {self.kind!r} has no signed variant of {self.label}")
+        return QuantizerConfig(self.kind, as_signed(self.params))
 
     def to_dict(self) -> dict[str, Any]:
         """The mapping :meth:`from_dict` reads: ``kind`` and the constructor arguments.
@@ -201,7 +155,7 @@ class QuantizerConfig:
                 path, f"expected a quantizer mapping such as {{kind: fixed_point, ...}}, got {data!r}"
             )
         if "kind" not in data:
-            raise _error(path, f"missing key 'kind'; one of {', '.join(KINDS)}")
+            raise _error(path, f"missing key 'kind'; one of {', '.join(kind_names())}")
         params = {k: v for k, v in data.items() if k != "kind"}
         try:
             return cls(_check_str("kind", data["kind"]), params)

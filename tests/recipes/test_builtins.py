@@ -12,8 +12,8 @@ import torch
 import qseg
 from qseg.exporters.parity import check_parity
 from qseg.models import PaperUNet
+from qseg.quantizers import kind_names
 from qseg.recipes import Recipe, builtin_names, load
-from qseg.recipes.quantizer_config import KINDS
 from qseg.recipes.training import Inq, SuggestiveAnnotation, Training
 
 DOCS = (Path(__file__).parents[2] / "docs" / "recipes.md").read_text(encoding="utf-8")
@@ -140,5 +140,5 @@ def test_docs_name_every_builtin_and_every_key():
     for cls in (Recipe, Training, Inq, SuggestiveAnnotation):
         for field in dataclasses.fields(cls):
             assert field.name in DOCS, f"{cls.__name__}.{field.name} is not in docs/recipes.md"
-    for kind in KINDS:
+    for kind in kind_names():
         assert f"`{kind}`" in DOCS, kind
