@@ -26,8 +26,10 @@ def builtin_names() -> tuple[str, ...]:
     """Names of the recipes that ship with qseg (YAML files beside this module), sorted.
 
     Example:
-        >>> [name for name in builtin_names() if name.startswith("unet-qa")]   # paper A's fixed point
-        ['unet-qa4.0-qw0.2', 'unet-qa6.0-qw0.4', 'unet-qa6.0-qw0.4-exact', 'unet-qa8.0-qw0.8', 'unet-qa8.8-qw8.8']
+        >>> [name for name in builtin_names() if name.startswith("unet-qa")]   # paper A's grids
+        ['unet-qa4.0-qw0.2', 'unet-qa6.0-qw0.4', 'unet-qa6.0-qw0.4-exact', 'unet-qa8-qw8-dfp', 'unet-qa8.0-qw0.8', 'unet-qa8.8-qw8.8']
+        >>> [name for name in builtin_names() if not name.startswith(("unet-", "fcn-"))]   # any model
+        ['int8', 'w4a8']
     """
     return tuple(sorted(p.stem for p in _BUILTIN_DIR.glob("*.yaml")))
 
