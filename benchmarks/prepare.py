@@ -5,13 +5,16 @@ a) ``qseg.prepare`` wall time (median of 3) for paper A's U-Net at two example s
    example's size counts), and for every model of ``tests/zoo/catalog.py`` when that
    file exists and its packages import.
 b) One training step (forward, BCE-with-logits loss, backward, Adam step) of the
-   paper U-Net, batch 4 of 1x1x200x200: float, prepared by qseg, and the prepared
-   model with its quantizers swapped for ``torch.fake_quantize_per_tensor_affine``
-   on the same grids (a fused C++ kernel, the lower bound for fake quantization).
-   Rounds are interleaved (one step of each variant per round) so that drift of a
-   shared machine hits all alike; the table reports medians and the ratio to float.
+   paper U-Net, batch 4 of 1x1x200x200: float; prepared by qseg with the default
+   recipe (Qa6.0/Qw0.4), and that model with its quantizers swapped for
+   ``torch.fake_quantize_per_tensor_affine`` on the same grids (a fused C++ kernel,
+   the lower bound for fake quantization); prepared with ``int8`` and with ``w4a8``
+   (LSQ), calibrated on one image, and the ``int8`` model swapped for torch's
+   per-tensor / per-channel fake quantizers. Rounds are interleaved (one step of each
+   variant per round) so that drift of a shared machine hits all alike; the table
+   reports medians and the ratio to float.
 
-Run: ``python benchmarks/prepare.py [--threads 2] [--rounds 10]``.
+Run: ``python benchmarks/prepare.py [--threads 2] [--rounds 10] [--only training]``.
 """
 
 from __future__ import annotations
@@ -30,13 +33,13 @@ from torch import nn
 
 import qseg
 from qseg.models import PaperUNet
-from qseg.nn import ActQuant
 from qseg.quantizers import Quantizer
 
 REPO = Path(__file__).resolve().parent.parent
 GOAL_UNET_S = 1.0
 GOAL_ZOO_S = 5.0
 GOAL_RATIO = 1.3
+GOAL_RATIO_INT = 1.15  # issue 13: int8 / w4a8 QAT at most 1.15x the float step
 
 
 def median_time(fn: Callable[[], object], repeats: int = 3) -> float:
@@ -100,29 +103,37 @@ def prepare_rows() -> tuple[list[tuple[str, str, float | None, float, str]], lis
 
 
 class TorchFakeQuant(nn.Module):
-    """``torch.fake_quantize_per_tensor_affine`` on a qseg quantizer's (per-tensor) grid."""
+    """``torch.fake_quantize_per_tensor_affine`` (or ``_per_channel_affine``) on a qseg
+    quantizer's grid: fixed scales, the clipped straight-through gradient."""
 
     def __init__(self, quantizer: Quantizer) -> None:
         super().__init__()
         spec = quantizer.spec(None)
-        if spec is None or spec.axis is not None:
-            raise ValueError(f"{quantizer} has no per-tensor uniform grid")
-        self.scale = float(spec.scale)
+        if spec is None:
+            raise ValueError(f"{quantizer} has no uniform grid")
+        self.axis = spec.axis
+        self.scale = float(spec.scale) if spec.axis is None else 0.0
         self.zero_point = int(spec.zero_point)
         self.qmin, self.qmax = spec.qmin, spec.qmax
+        if spec.axis is not None:
+            self.register_buffer("scales", spec.scale.detach().float())
+            self.register_buffer("zeros", torch.full_like(self.scales, spec.zero_point, dtype=torch.int32))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, self.qmin, self.qmax)
+        if self.axis is None:
+            return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, self.qmin, self.qmax)
+        return torch.fake_quantize_per_channel_affine(
+            x, self.scales, self.zeros, self.axis, self.qmin, self.qmax
+        )
 
 
 def with_torch_fake_quant(qmodel: nn.Module) -> nn.Module:
     """A copy of a prepared model whose quantizers are torch's fake quantizer on the same grids."""
     qmodel = copy.deepcopy(qmodel)
-    for module in qmodel.modules():
-        if isinstance(module, ActQuant):
-            module.quantizer = TorchFakeQuant(module.quantizer)
-        elif isinstance(getattr(module, "weight_quant", None), Quantizer):
-            module.weight_quant = TorchFakeQuant(module.weight_quant)
+    for name, module in list(qmodel.named_modules()):
+        if isinstance(module, Quantizer):
+            parent_name, _, child = name.rpartition(".")
+            setattr(qmodel.get_submodule(parent_name), child, TorchFakeQuant(module))
     return qmodel
 
 
@@ -147,17 +158,7 @@ class Trainer:
         return loss.detach().item()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--size", type=int, default=200)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-
-    print(f"# torch {torch.__version__}, {cpu_name()}, {torch.get_num_threads()} threads")
-    print()
+def prepare_table() -> None:
     print("## a) qseg.prepare wall time, median of 3")
     rows, notes = prepare_rows()
     print(f"| {'model':<40} | {'example':<14} | {'seconds':>8} | {'goal':>6} | {'ok':<3} |")
@@ -171,41 +172,85 @@ def main() -> None:
     for line in notes:
         print(line)
 
-    print()
+
+def max_logit_diff(a: nn.Module, b: nn.Module, x: torch.Tensor) -> float:
+    """Largest |difference| of two models' eval-mode outputs on ``x`` (copies, so no
+    state of the timed models changes)."""
+    with torch.no_grad():
+        a, b = copy.deepcopy(a).eval(), copy.deepcopy(b).eval()
+        return (a(x) - b(x)).abs().max().item()
+
+
+def training_table(batch: int, size: int, rounds: int) -> None:
     print(
         f"## b) training step (forward + BCE loss + backward + Adam), PaperUNet 4.84M, "
-        f"batch {args.batch}x1x{args.size}x{args.size}, median of {args.rounds} interleaved rounds"
+        f"batch {batch}x1x{size}x{size}, median of {rounds} interleaved rounds"
     )
     torch.manual_seed(0)
     float_model = PaperUNet()
     gen = torch.Generator().manual_seed(1)
-    x = torch.randn(args.batch, 1, args.size, args.size, generator=gen)
-    target = (torch.rand(args.batch, 1, args.size, args.size, generator=gen) > 0.5).float()
+    x = torch.randn(batch, 1, size, size, generator=gen)
+    target = (torch.rand(batch, 1, size, size, generator=gen) > 0.5).float()
     prepared = qseg.prepare(float_model, example_inputs=x[:1])
+    int8 = qseg.prepare(float_model, "int8", example_inputs=x[:1])
+    w4a8 = qseg.prepare(float_model, "w4a8", example_inputs=x[:1])
+    for model in (int8, w4a8):  # activation ranges from one image, as a user would calibrate
+        qseg.calibrate(model, [x[:1]], progress=False)
     torch_fq = with_torch_fake_quant(prepared)
-    # the swap is faithful: the same grids, rounding and clipped STE give the same logits
-    with torch.no_grad():
-        a, b = copy.deepcopy(prepared).eval(), copy.deepcopy(torch_fq).eval()
-        diff = (a(x[:1]) - b(x[:1])).abs().max().item()
-    trainers = {
-        "float": Trainer(float_model, x, target),
-        "qseg prepared (Qa6.0/Qw0.4)": Trainer(prepared, x, target),
-        "torch fake_quantize, same grids": Trainer(torch_fq, x, target),
+    int8_fq = with_torch_fake_quant(int8)
+    # the swaps are faithful: the same grids, rounding and clipped STE give the same
+    # logits, up to torch's x * (1/s) against qseg's x / s at near-ties
+    diffs = {
+        "Qa6.0/Qw0.4": max_logit_diff(prepared, torch_fq, x[:1]),
+        "int8": max_logit_diff(int8, int8_fq, x[:1]),
     }
-    for trainer in trainers.values():  # warm-up
+    trainers = {
+        "float": (Trainer(float_model, x, target), None),
+        "qseg prepared (Qa6.0/Qw0.4)": (Trainer(prepared, x, target), GOAL_RATIO),
+        "torch fake_quantize, same grids": (Trainer(torch_fq, x, target), GOAL_RATIO),
+        "qseg int8 (calibrated)": (Trainer(int8, x, target), GOAL_RATIO_INT),
+        "qseg w4a8 (LSQ, calibrated)": (Trainer(w4a8, x, target), GOAL_RATIO_INT),
+        "torch fake_quantize, int8 grids": (Trainer(int8_fq, x, target), None),
+    }
+    for trainer, _ in trainers.values():  # warm-up
         for _ in range(2):
             trainer.step(record=False)
-    for _ in range(args.rounds):
-        for trainer in trainers.values():
+    for _ in range(rounds):
+        for trainer, _ in trainers.values():
             trainer.step()
-    base = statistics.median(trainers["float"].times)
-    print(f"| {'variant':<32} | {'median ms':>9} | {'vs float':>8} | {'goal':>7} |")
-    print(f"|{'-' * 34}|{'-' * 11}|{'-' * 10}|{'-' * 9}|")
-    for name, trainer in trainers.items():
-        med = statistics.median(trainer.times)
-        goal = "" if name == "float" else f"<= {GOAL_RATIO}"
-        print(f"| {name:<32} | {med * 1e3:9.1f} | {med / base:8.2f} | {goal:>7} |")
-    print(f"eval logits, qseg vs torch fake_quantize swap: max |diff| = {diff:.3g}")
+    base = statistics.median(trainers["float"][0].times)
+    print(f"| {'variant':<32} | {'median ms':>9} | {'vs float':>8} | {'goal':>7} | {'ok':<3} |")
+    print(f"|{'-' * 34}|{'-' * 11}|{'-' * 10}|{'-' * 9}|{'-' * 5}|")
+    for name, (trainer, goal) in trainers.items():
+        ratio = statistics.median(trainer.times) / base
+        shown = "" if goal is None else f"<= {goal:g}"
+        ok = "" if goal is None else ("yes" if ratio <= goal else "NO")
+        print(
+            f"| {name:<32} | {statistics.median(trainer.times) * 1e3:9.1f} | {ratio:8.2f} | {shown:>7} | {ok:<3} |"
+        )
+    for recipe, diff in diffs.items():
+        print(f"eval logits, qseg {recipe} vs torch fake_quantize swap: max |diff| = {diff:.3g}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--size", type=int, default=200)
+    parser.add_argument(
+        "--only", choices=("all", "prepare", "training"), default="all", help="run part a), b) or both"
+    )
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    print(f"# torch {torch.__version__}, {cpu_name()}, {torch.get_num_threads()} threads")
+    if args.only != "training":
+        print()
+        prepare_table()
+    if args.only != "prepare":
+        print()
+        training_table(args.batch, args.size, args.rounds)
 
 
 if __name__ == "__main__":

@@ -26,39 +26,13 @@ from qseg.quantizers.base import (
     check_choice,
     check_int,
     compute_dtype,
-    straight_through,
 )
+from qseg.quantizers.fused import lsq_fake_quant, ste_fake_quant
 from qseg.quantizers.registry import register_kind
 
 __all__ = ["Uniform"]
 
 Mode = Literal["symmetric", "unsigned", "asymmetric"]
-
-
-class _LsqRound(torch.autograd.Function):
-    """``round(v)`` in forward; the identity in backward (LSQ's straight-through
-    rounding, so that ``clamp(v) -> round -> * s`` gives LSQ's gradients to ``s``)."""
-
-    @staticmethod
-    def forward(ctx, v: torch.Tensor) -> torch.Tensor:  # noqa: ARG004
-        return torch.round(v)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: ARG004
-        return grad
-
-
-class _GradScale(torch.autograd.Function):
-    """``s`` in forward; its gradient times ``g`` in backward (LSQ's gradient scale)."""
-
-    @staticmethod
-    def forward(ctx, s: torch.Tensor, g: float) -> torch.Tensor:
-        ctx.g = g
-        return s.view_as(s)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return grad * ctx.g, None
 
 
 class Uniform(Quantizer):
@@ -307,22 +281,21 @@ class Uniform(Quantizer):
         dtype = compute_dtype(x)
         scale = self._scale_for(x)
         zero = float(self.zero_point)
+        lo, hi = self.qmin - zero, self.qmax - zero
         if self.learn_scale and self.training and scale.requires_grad:
             # LSQ: the gradient reaches the scale through clamp, the straight-through
             # round and the final multiply; g balances it against the weights' gradients
             per_scale = x.numel() // max(self.scale.numel(), 1)
             g = 1.0 / math.sqrt(per_scale * self.qmax)
-            s = _GradScale.apply(scale, g).to(dtype)
-            v = torch.clamp(x.to(dtype) / s, self.qmin - zero, self.qmax - zero)
-            return (_LsqRound.apply(v) * s).to(x.dtype)
+            return lsq_fake_quant(x, scale, lo, hi, g)
+        if torch.is_grad_enabled() and x.requires_grad:
+            # ONNX QuantizeLinear's order, round(x / s) + zero point then saturate, with the
+            # gradient passing where nothing was clamped; one fused autograd function
+            return ste_fake_quant(x, scale, lo, hi)
         with torch.no_grad():
-            # ONNX QuantizeLinear's order: round(x / s) + zero point, then saturate
+            # the same values without the mask nobody will use (eval, calibration, export)
             s = scale.detach().to(dtype)
-            codes = torch.round(x.detach().to(dtype) / s)
-            q = codes.clamp(self.qmin - zero, self.qmax - zero)
-            mask = q == codes  # the gradient passes where nothing was clamped
-            q = q * s
-        return straight_through(x, q.to(x.dtype), mask)
+            return torch.div(x.detach().to(dtype), s).round_().clamp_(lo, hi).mul_(s).to(x.dtype)
 
     def extra_repr(self) -> str:
         parts = [f"bits={self.num_bits}", f"mode={self.mode!r}"]

@@ -1,0 +1,256 @@
+"""Uniform's fused training functions (qseg/quantizers/fused.py) against the chain of
+eager tensor ops they replaced (kept below as the reference), per tensor, per channel,
+with a zero point, with power-of-two scales, and with LSQ.
+
+What is compared, and how exactly:
+
+- forward values, every path: bit-identical (the same ops on the same values, in place);
+- the clipped straight-through gradient: bit-identical (``grad * mask``, the same mask);
+- LSQ's gradient to ``x``: equal up to one rounding. The eager chain computes
+  ``((grad * s) * mask) / s`` (the multiply's, clamp's and division's derivatives in
+  turn), the fused one ``grad * mask``, which is the exact value of the formula;
+- LSQ's gradient to the scale: equal up to float summation. The eager chain adds two
+  sums (``sum(grad * q)`` from the multiply, ``-sum(grad * mask * x / s^2) * s`` from the
+  division), the fused one sums ``grad * (q - v * mask)`` once (a dot product per tensor);
+  both are checked against a float64 evaluation of the same formula.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from strategies import scaled_tensors
+
+from qseg.quantizers import Uniform
+from qseg.quantizers.base import compute_dtype, straight_through
+
+
+class _LsqRound(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, v):  # noqa: ARG004
+        return torch.round(v)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ARG004
+        return grad
+
+
+class _GradScale(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, s, g):
+        ctx.g = g
+        return s.view_as(s)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.g, None
+
+
+def eager_forward(q: Uniform, x: torch.Tensor) -> torch.Tensor:
+    """``Uniform.forward`` as it was before the fused functions (qseg 4a279db)."""
+    dtype = compute_dtype(x)
+    scale = q._scale_for(x)
+    zero = float(q.zero_point)
+    if q.learn_scale and q.training and scale.requires_grad:
+        per_scale = x.numel() // max(q.scale.numel(), 1)
+        g = 1.0 / math.sqrt(per_scale * q.qmax)
+        s = _GradScale.apply(scale, g).to(dtype)
+        v = torch.clamp(x.to(dtype) / s, q.qmin - zero, q.qmax - zero)
+        return (_LsqRound.apply(v) * s).to(x.dtype)
+    with torch.no_grad():
+        s = scale.detach().to(dtype)
+        codes = torch.round(x.detach().to(dtype) / s)
+        out = codes.clamp(q.qmin - zero, q.qmax - zero)
+        mask = out == codes
+        out = out * s
+    return straight_through(x, out.to(x.dtype), mask)
+
+
+def lsq_scale_grad64(q: Uniform, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """LSQ's gradient to the scale in float64, from the formula (clamp's derivative
+    inclusive at the bounds, as torch's)."""
+    zero = float(q.zero_point)
+    lo, hi = q.qmin - zero, q.qmax - zero
+    shape = [1] * x.dim()
+    if q.channel_axis is not None:
+        shape[q.channel_axis] = -1
+    s = q.scale.detach().double().reshape(shape)
+    v = x.double() / s
+    inside = (v >= lo) & (v <= hi)
+    e = torch.where(inside, torch.round(v) - v, v.clamp(lo, hi))
+    t = grad.double() * e
+    per_scale = x.numel() // q.scale.numel()
+    g = 1.0 / math.sqrt(per_scale * q.qmax)
+    if q.channel_axis is None:
+        return t.sum() * g
+    dims = [d for d in range(x.dim()) if d != q.channel_axis]
+    return t.sum(dim=dims) * g
+
+
+def _activation(mode: str, bits: int = 8, learn: bool = False, pow2: bool = False) -> Uniform:
+    q = Uniform(bits, mode=mode, learn_scale=learn, power_of_two_scale=pow2)
+    q.observe_range(torch.tensor(-0.7), torch.tensor(2.3))
+    return q
+
+
+def _weight(bits: int, learn: bool, axis: int = 0, pow2: bool = False) -> Uniform:
+    return Uniform(bits, channel_axis=axis, learn_scale=learn, power_of_two_scale=pow2)
+
+
+CASES = {
+    "int8 symmetric": lambda: _activation("symmetric"),
+    "uint8": lambda: _activation("unsigned"),
+    "int8 asym (zero point)": lambda: _activation("asymmetric"),
+    "int4 asym pow2": lambda: _activation("asymmetric", 4, pow2=True),
+    "int8/ch": lambda: _weight(8, False),
+    "int4/ch axis 1": lambda: _weight(4, False, axis=1),
+    "int6/ch pow2": lambda: _weight(6, False, pow2=True),
+    "uint8 LSQ": lambda: _activation("unsigned", learn=True),
+    "int8 asym LSQ": lambda: _activation("asymmetric", learn=True),
+    "int8 LSQ": lambda: _activation("symmetric", learn=True),
+    "int4/ch LSQ": lambda: _weight(4, True),
+    "int3/ch axis 1 LSQ": lambda: _weight(3, True, axis=1),
+}
+
+
+def _input(seed: int = 0, shape=(4, 6, 5, 5), dtype=torch.float32) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g) * 1.5
+    flat = x.view(-1)
+    # saturation, exact ties, values just off a tie, and the non-finite
+    flat[:6] = torch.tensor([40.0, -40.0, float("inf"), float("-inf"), float("nan"), 0.0])
+    return x.to(dtype)
+
+
+def _both(name: str, x: torch.Tensor, train: bool = True):
+    """(fused quantizer, eager quantizer) with the same state; per-channel scales set
+    from ``x`` once, so that both see the same grid."""
+    q = CASES[name]().train(train)
+    q.init_from(x.detach().float().nan_to_num(0.0, 0.0, 0.0))
+    ref = CASES[name]().train(train)
+    ref.load_state_dict(q.state_dict())
+    return q, ref
+
+
+def _ties(q: Uniform, x: torch.Tensor) -> torch.Tensor:
+    """``x`` with some entries put exactly on half steps of ``q``'s grid, and next to them."""
+    shape = [1] * x.dim()
+    if q.channel_axis is not None:
+        shape[q.channel_axis] = -1
+    s = q.scale.detach().reshape(shape).expand_as(x).to(x.dtype)
+    k = torch.arange(x.numel(), dtype=x.dtype).reshape(x.shape) % 9 - 4
+    tie = (k + 0.5) * s
+    pick = torch.arange(x.numel()).reshape(x.shape) % 3
+    out = torch.where(pick == 0, tie, x)
+    return torch.where(pick == 1, torch.nextafter(tie, torch.full_like(tie, math.inf)), out)
+
+
+def _run(q: Uniform, x: torch.Tensor, upstream: torch.Tensor, eager: bool):
+    x = x.clone().requires_grad_(True)
+    y = (eager_forward if eager else Uniform.forward)(q, x)
+    y.backward(upstream)
+    return y.detach(), x.grad, None if q.scale.grad is None else q.scale.grad.clone()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_fused_matches_the_eager_chain(name, dtype):
+    x = _input(dtype=dtype)
+    q, ref = _both(name, x)
+    x = _ties(q, x)
+    upstream = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    y, gx, gs = _run(q, x, upstream, eager=False)
+    y0, gx0, gs0 = _run(ref, x, upstream, eager=True)
+    assert torch.equal(y.nan_to_num(7.0), y0.nan_to_num(7.0))  # bit-identical, NaN where NaN
+    if not q.learn_scale:
+        assert torch.equal(gx, gx0) and gs is None and gs0 is None
+        return
+    # ((g * s) * mask) / s against g * mask: one rounding apart
+    eps = torch.finfo(torch.float32 if dtype == torch.bfloat16 else dtype).eps
+    torch.testing.assert_close(gx, gx0, rtol=eps if dtype != torch.bfloat16 else 2**-8, atol=0)
+    assert torch.equal(gx == 0, gx0 == 0)
+    finite = torch.isfinite(x).all()
+    if finite:
+        exact = lsq_scale_grad64(q, x.float() if dtype == torch.bfloat16 else x, upstream)
+        # float32 sums of a few hundred terms of size ~qmax: relative to the terms' size
+        size = float(upstream.abs().double().sum()) * q.qmax / math.sqrt(x.numel() * q.qmax)
+        for got in (gs, gs0):
+            assert (got.double().reshape(exact.shape) - exact).abs().max() <= 1e-5 * size
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_nan_and_infinity_handled_like_the_eager_chain(name):
+    x = _input()
+    q, ref = _both(name, x)
+    y, gx, _ = _run(q, x, torch.ones_like(x), eager=False)
+    y0, gx0, _ = _run(ref, x, torch.ones_like(x), eager=True)
+    flat, flat0 = y.view(-1), y0.view(-1)
+    assert torch.isnan(flat[4]) and torch.isnan(flat0[4])
+    assert torch.equal(flat[2:4], flat0[2:4])  # +-inf saturate to the grid's ends
+    assert gx.view(-1)[2:5].tolist() == [0.0, 0.0, 0.0] == gx0.view(-1)[2:5].tolist()
+    if q.learn_scale:
+        assert q.scale.grad.isnan().any()  # a NaN input poisons the scale's gradient, as before
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_eval_outputs_bit_identical(name):
+    x = _input()
+    q, ref = _both(name, x, train=False)
+    x = _ties(q, x)
+    with torch.no_grad():
+        fast, slow = q(x), eager_forward(ref, x)
+    assert torch.equal(fast.nan_to_num(7.0), slow.nan_to_num(7.0))
+    # with a gradient asked for in eval mode (saliency maps, attacks): the same values again
+    assert torch.equal(q(x.clone().requires_grad_(True)).detach().nan_to_num(7.0), slow.nan_to_num(7.0))
+
+
+def test_output_is_not_a_view_so_inplace_relu_works():
+    q = _activation("symmetric")
+    x = torch.randn(8, requires_grad=True)
+    torch.relu_(q(x)).sum().backward()
+    assert x.grad is not None
+
+
+def test_lsq_scale_gets_no_gradient_when_frozen():
+    q = _activation("unsigned", learn=True)
+    q.scale.requires_grad_(False)
+    x = torch.randn(10, requires_grad=True)
+    q(x).sum().backward()
+    assert q.scale.grad is None and x.grad is not None
+
+
+@given(
+    x=scaled_tensors(),
+    bits=st.integers(2, 10),
+    mode=st.sampled_from(["symmetric", "unsigned", "asymmetric"]),
+    learn=st.booleans(),
+)
+def test_property_fused_equals_eager(x, bits, mode, learn):
+    # invariant: on any data and grid, the fused path gives the eager values, a gradient
+    # to x that is zero exactly where the eager one is, and the same nonzero values up
+    # to one rounding
+    q = Uniform(bits, mode=mode, learn_scale=learn)
+    q.init_from(x)
+    ref = Uniform(bits, mode=mode, learn_scale=learn)
+    ref.load_state_dict(q.state_dict())
+    upstream = torch.linspace(-1.0, 2.0, x.numel())
+    y, gx, _ = _run(q, x, upstream, eager=False)
+    y0, gx0, _ = _run(ref, x, upstream, eager=True)
+    assert torch.equal(y, y0)
+    assert torch.equal(gx == 0, gx0 == 0)
+    torch.testing.assert_close(gx, gx0, rtol=2**-23, atol=0)
+
+
+@given(x=scaled_tensors(), bits=st.integers(2, 10))
+def test_property_lsq_gradient_to_x_is_the_range_indicator(x, bits):
+    # LSQ's straight-through: the gradient to x is exactly 1 where lo <= x / s <= hi
+    q = Uniform(bits, learn_scale=True)
+    q.init_from(x)
+    x = x.clone().requires_grad_(True)
+    q(x).sum().backward()
+    v = x.detach() / q.scale.detach()
+    assert torch.equal(x.grad, ((v >= q.qmin) & (v <= q.qmax)).float())
