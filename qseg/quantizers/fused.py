@@ -33,7 +33,8 @@ def _sum_to(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     if like.dim() == 0 or like.numel() == 1:
         return t.sum().reshape(like.shape)
     dims = [d for d in range(t.dim()) if like.shape[d] == 1 and t.shape[d] != 1]
-    return t.sum(dim=dims, keepdim=True)
+    # an empty list would sum over every dimension: one value per scale is already reduced
+    return t.sum(dim=dims, keepdim=True) if dims else t
 
 
 def _dot_to(grad: torch.Tensor, e: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -254,3 +254,17 @@ def test_property_lsq_gradient_to_x_is_the_range_indicator(x, bits):
     q(x).sum().backward()
     v = x.detach() / q.scale.detach()
     assert torch.equal(x.grad, ((v >= q.qmin) & (v <= q.qmax)).float())
+
+
+def test_lsq_per_channel_scale_gradient_keeps_its_shape_with_one_value_per_channel():
+    # a 1x1 conv with one input channel: nothing to sum per scale (an empty reduction list
+    # must not mean "sum everything"); found on MONAI's UNETR with w4a8
+    q = Uniform(4, channel_axis=0, learn_scale=True).train()
+    w = torch.randn(16, 1, 1, 1, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    q(w).sum().backward()
+    ref = Uniform(4, channel_axis=0, learn_scale=True).train()
+    ref.load_state_dict(q.state_dict())
+    w_ref = w.detach().clone().requires_grad_(True)
+    eager_forward(ref, w_ref).sum().backward()
+    assert q.scale.grad.shape == (16,)
+    torch.testing.assert_close(q.scale.grad, ref.scale.grad)

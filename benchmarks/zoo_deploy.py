@@ -1,0 +1,108 @@
+"""Every model of the zoo the whole way with one recipe: prepare, calibrate (for recipes with
+ranges from data), convert, QDQ ONNX and OpenVINO IR, parity of both runtimes against the
+converted model, and the convs OpenVINO executes in int8.
+
+Each model is built seeded (``tests/zoo/catalog.py``) with random weights, calibrated on
+two random batches of its example's shape, and compared on its example input. One row per
+model: capture path, quantized layers, convs OpenVINO runs ``u8``/``i8`` out of all its
+convolutions (any kind: plain, grouped, transposed), the largest |converted - prepared|,
+each runtime's parity verdict (``qseg.exporters.parity``), seconds.
+
+Run: ``python benchmarks/zoo_deploy.py [--recipe int8] [--models monai.,smp.Unet]``
+(from the repository root or ``benchmarks/``; needs the ``zoo``, ``onnx`` and ``openvino``
+extras). Random-init models with random inputs have logits near 0, so "same class" is a
+strict test here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from machine import cpu_name  # benchmarks/machine.py (scripts run from this folder)
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from zoo import tv_shim
+
+tv_shim.install()
+
+from zoo.catalog import available, zoo  # noqa: E402
+
+import qseg  # noqa: E402
+from qseg.calibrate import calibrated_quantizers  # noqa: E402
+from qseg.exporters.parity import check_parity  # noqa: E402
+from qseg.runtime import cpu_features, runtime_precisions  # noqa: E402
+
+CONVS = ("Convolution", "GroupConvolution", "Deconvolution", "GroupDeconvolution")
+
+
+def first_tensor(out: object) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, dict):
+        return first_tensor(next(iter(out.values())))
+    return first_tensor(out[0])
+
+
+def deploy(entry, recipe: str, folder: Path) -> str:
+    torch.manual_seed(0)
+    model, x = entry.factory().eval(), entry.example()
+    qmodel = qseg.prepare(model, recipe, example_inputs=x)
+    if calibrated_quantizers(qmodel):
+        gen = torch.Generator().manual_seed(1)
+        qseg.calibrate(qmodel, [torch.randn(x.shape, generator=gen) for _ in range(2)], progress=False)
+    qmodel.eval()
+    converted = qseg.convert(qmodel, example_inputs=x)
+    with torch.no_grad():
+        drift = (first_tensor(qmodel(x)) - first_tensor(converted(x))).abs().max().item()
+    onnx_path = qseg.export_onnx(converted, x, folder / "m.onnx")
+    ir_path = qseg.export_openvino(converted, x, folder / "m.xml")
+    results = check_parity(converted, x, onnx_path, ir_path)
+    precisions = runtime_precisions(ir_path, layer_types=CONVS)
+    int8 = sum(p.precision in ("u8", "i8") for p in precisions)
+    path = "FX" if isinstance(qmodel, torch.fx.GraphModule) else "fallback"
+    verdicts = " | ".join(str(r).split(":", 1)[1].split(" (")[0].strip() for r in results)
+    return f"{path} | {len(qmodel.qseg_report.quantized_layers)} | {int8}/{len(precisions)} | {drift:.3g} | {verdicts}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipe", default="int8")
+    parser.add_argument(
+        "--models", default="", help="comma-separated substrings of model names (default: all)"
+    )
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    wanted = [w for w in args.models.split(",") if w]
+    print(f"# {cpu_name()}, {cpu_features().describe()}; torch {torch.__version__}; recipe {args.recipe}")
+    print(
+        "| model | path | quantized layers | OpenVINO int8 convs | max |converted - prepared| | onnxruntime | OpenVINO | s |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for name, entry in zoo().items():
+        if wanted and not any(w in name for w in wanted):
+            continue
+        if not entry.capturable or not available(entry):
+            print(
+                f"| {name} | not run: {'not capturable' if not entry.capturable else 'package missing'} |||||||"
+            )
+            continue
+        start = time.perf_counter()
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                row = deploy(entry, args.recipe, Path(tmp))
+            except Exception as exc:  # a failing model is a row of the table, not the end of the run
+                row = f"FAILED: {type(exc).__name__}: {str(exc).splitlines()[0][:120]} ||||||"
+        print(f"| {name} | {row} | {time.perf_counter() - start:.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
