@@ -33,6 +33,9 @@ from qseg.quantizers.registry import register_kind
 __all__ = ["Uniform"]
 
 Mode = Literal["symmetric", "unsigned", "asymmetric"]
+#: The smallest step a learned (LSQ) scale keeps: an optimizer step that would take it to 0
+#: or below leaves it here.
+MIN_LEARNED_SCALE = 1e-8
 
 
 class Uniform(Quantizer):
@@ -222,8 +225,17 @@ class Uniform(Quantizer):
         if (reset or not bool(self.initialized)) and x.numel() > 0:
             self.observe_range(*self._reduce(x))
 
+    def _keep_learned_scale_positive(self) -> None:
+        # an optimizer step can carry a small learned step size through 0 (Adam moves every
+        # parameter by about its learning rate); a grid needs a positive step, and LSQ's
+        # gradient lifts it again from the floor
+        if self.learn_scale:
+            with torch.no_grad():
+                self.scale.clamp_(min=MIN_LEARNED_SCALE)
+
     def _scale_for(self, x: torch.Tensor) -> torch.Tensor:
         self.init_from(x)
+        self._keep_learned_scale_positive()
         if self.channel_axis is None:
             return self.scale
         if x.dim() <= self.channel_axis or x.shape[self.channel_axis] != self.scale.numel():
@@ -254,6 +266,7 @@ class Uniform(Quantizer):
                     "or run a forward pass first"
                 )
             self.init_from(x)
+        self._keep_learned_scale_positive()
         return QuantSpec(
             scale=self.scale.detach().clone(),
             zero_point=int(self.zero_point),

@@ -268,3 +268,19 @@ def test_lsq_per_channel_scale_gradient_keeps_its_shape_with_one_value_per_chann
     eager_forward(ref, w_ref).sum().backward()
     assert q.scale.grad.shape == (16,)
     torch.testing.assert_close(q.scale.grad, ref.scale.grad)
+
+
+def test_a_learned_scale_pushed_through_zero_stays_a_positive_step():
+    # Adam moves every parameter by about its learning rate: a small step size can cross 0
+    q = Uniform(8, mode="unsigned", learn_scale=True).train()
+    x = torch.rand(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    q(x)
+    with torch.no_grad():
+        q.scale.fill_(-0.01)
+    y = q(x)
+    assert float(q.scale) == pytest.approx(1e-8) and torch.isfinite(y).all()
+    y.sum().backward()
+    assert q.scale.grad is not None and torch.isfinite(q.scale.grad).all()
+    with torch.no_grad():
+        q.scale.fill_(-0.01)
+    assert float(q.spec().scale) > 0  # convert reads the grid through spec
