@@ -229,7 +229,9 @@ class Uniform(Quantizer):
         # an optimizer step can carry a small learned step size through 0 (Adam moves every
         # parameter by about its learning rate); a grid needs a positive step, and LSQ's
         # gradient lifts it again from the floor
-        if self.learn_scale:
+        # (in place only when needed: a module called twice in one forward pass has saved the
+        # scale for its backward, and an in-place op, even one that changes nothing, breaks it)
+        if self.learn_scale and bool((self.scale.detach() < MIN_LEARNED_SCALE).any()):
             with torch.no_grad():
                 self.scale.clamp_(min=MIN_LEARNED_SCALE)
 

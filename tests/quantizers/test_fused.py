@@ -284,3 +284,10 @@ def test_a_learned_scale_pushed_through_zero_stays_a_positive_step():
     with torch.no_grad():
         q.scale.fill_(-0.01)
     assert float(q.spec().scale) > 0  # convert reads the grid through spec
+
+
+def test_a_learned_scale_used_twice_in_one_forward_pass_still_backpropagates():
+    q = Uniform(8, mode="unsigned", learn_scale=True).train()
+    x = torch.rand(2, 3, 4, 4, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    (q(x) + q(2 * x)).sum().backward()
+    assert torch.isfinite(q.scale.grad).all() and torch.isfinite(x.grad).all()
