@@ -32,7 +32,7 @@ from zoo import tv_shim
 
 tv_shim.install()
 
-from zoo.catalog import available, zoo  # noqa: E402
+from zoo.catalog import available, first_tensor, zoo  # noqa: E402
 
 import qseg  # noqa: E402
 from qseg.calibrate import calibrated_quantizers  # noqa: E402
@@ -40,14 +40,6 @@ from qseg.exporters.parity import check_parity  # noqa: E402
 from qseg.runtime import cpu_features, runtime_precisions  # noqa: E402
 
 CONVS = ("Convolution", "GroupConvolution", "Deconvolution", "GroupDeconvolution")
-
-
-def first_tensor(out: object) -> torch.Tensor:
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, dict):
-        return first_tensor(next(iter(out.values())))
-    return first_tensor(out[0])
 
 
 def deploy(entry, recipe: str, folder: Path) -> str:

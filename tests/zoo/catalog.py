@@ -72,6 +72,21 @@ def available(entry: Entry) -> bool:
     return not missing(entry)
 
 
+def first_tensor(out: object) -> torch.Tensor:
+    """The first tensor of a zoo model's output: a tensor, a tuple/list (deep supervision) or
+    a dict of them (torchvision's ``{"out": ...}``).
+
+    Example:
+        >>> first_tensor({"out": (torch.zeros(1), torch.ones(2))}).shape
+        torch.Size([1])
+    """
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, dict):
+        return first_tensor(next(iter(out.values())))
+    return first_tensor(out[0])
+
+
 def _torchvision_importable() -> None:
     # timm, smp and MONAI import torchvision themselves; see tv_shim for why this comes first
     from zoo import tv_shim

@@ -17,7 +17,7 @@ from prepare.helpers import one_training_step
 
 import qseg
 from qseg.exporters.parity import check_parity, parity_step
-from zoo.catalog import zoo
+from zoo.catalog import first_tensor, zoo
 
 # one model per family and structure: BatchNorm and InstanceNorm U-Nets, residual units,
 # attention gates, GroupNorm residual blocks, transformers, 3d, pretrained-style encoders
@@ -40,14 +40,6 @@ KNOWN: dict[str, str] = {
 # smp.Unet[resnet34] lose parity (96.9%, 69.7%, 99.7% with 99.4% same class, 94.0%, 99.8% with
 # 99.8% same class within one step) and smp.DeepLabV3Plus[efficientnet-b0] fails torch.export
 EXPORTED = ("qseg.PaperUNet", "qseg.TwoHeadFCN", "monai.UNet2d", "monai.SegResNet2d", "smp.FPN[mobilenet_v2]")
-
-
-def _first_tensor(out: object) -> torch.Tensor:
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, dict):
-        return _first_tensor(next(iter(out.values())))
-    return _first_tensor(out[0])
 
 
 def _calibration(x: torch.Tensor) -> list[torch.Tensor]:
@@ -78,7 +70,7 @@ def test_recipe_calibrates_and_converts(name, recipe, zoo_packages, request):
     qmodel.eval()
     converted = qseg.convert(qmodel, example_inputs=x)
     with torch.no_grad():
-        prepared_out, converted_out = _first_tensor(qmodel(x)), _first_tensor(converted(x))
+        prepared_out, converted_out = first_tensor(qmodel(x)), first_tensor(converted(x))
     step = parity_step(converted)
     within = ((prepared_out - converted_out).abs() <= step * 1.001).float().mean().item()
     assert within >= 0.999, f"converted vs prepared: {100 * within:.2f}% within one step {step:.3g}"
