@@ -291,3 +291,62 @@ def test_a_learned_scale_used_twice_in_one_forward_pass_still_backpropagates():
     x = torch.rand(2, 3, 4, 4, generator=torch.Generator().manual_seed(0), requires_grad=True)
     (q(x) + q(2 * x)).sum().backward()
     assert torch.isfinite(q.scale.grad).all() and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("name", ["int8 symmetric", "int8/ch", "uint8 LSQ", "int4/ch LSQ"])
+def test_backward_writes_the_gradient_over_its_saved_mask(name):
+    # the gradient to x needs no fresh full-size buffer: it is written over the mask the
+    # node saved, which autograd frees after this backward anyway
+    x = _input()
+    q, _ = _both(name, x)
+    saved = []
+
+    def pack(t):
+        saved.append(t.data_ptr())
+        return t
+
+    x = x.clone().requires_grad_(True)
+    seen = []
+    x.register_hook(lambda g: seen.append(g.data_ptr()))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = q(x)
+    y.backward(torch.randn(x.shape, generator=torch.Generator().manual_seed(1)))
+    assert seen and seen[0] == saved[0]
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_a_kept_graph_gives_the_same_gradients_twice(name):
+    # retain_graph: the mask is read again by the second backward, so the first must not
+    # write over it
+    x = _input()
+    q, _ = _both(name, x)
+    x = x.clone().requires_grad_(True)
+    upstream = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    y = q(x)
+    grads = []
+    for retain in (True, False):
+        x.grad, q.scale.grad = None, None
+        y.backward(upstream, retain_graph=retain)
+        grads.append((x.grad.clone(), None if q.scale.grad is None else q.scale.grad.clone()))
+    (gx0, gs0), (gx1, gs1) = grads
+    assert torch.equal(gx0, gx1)
+    if gs0 is None:
+        assert gs1 is None
+    else:  # NaN where the input has one (test_nan_and_infinity_handled_like_the_eager_chain)
+        torch.testing.assert_close(gs0, gs1, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("name", ["uint8", "int8/ch", "uint8 LSQ", "int4/ch LSQ"])
+def test_double_backward_sees_the_mask(name):
+    # create_graph (gradient penalties): the gradient to x is grad * mask, whose own
+    # derivative with respect to the incoming gradient is the mask
+    x = _input()
+    q, ref = _both(name, x)
+    x = x.clone().requires_grad_(True)
+    upstream = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
+    (gx,) = torch.autograd.grad(q(x), x, upstream, create_graph=True)
+    (mask,) = torch.autograd.grad(gx.sum(), upstream)
+    x0 = x.detach().clone().requires_grad_(True)
+    eager_forward(ref, x0).backward(torch.ones_like(x0))
+    assert torch.equal(mask, x0.grad)
+    assert torch.equal(gx.detach() == 0, (upstream.detach() * x0.grad) == 0)
