@@ -212,9 +212,7 @@ def main() -> None:
     logging.getLogger("nncf").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
 
-    print(
-        f"# CPU: {cpu_name()}; {os.cpu_count()} logical CPUs, {args.threads} threads"
-    )
+    print(f"# CPU: {cpu_name()}; {os.cpu_count()} logical CPUs, {args.threads} threads")
     print(f"# torch {torch.__version__}, qseg {qseg.__version__}, float training {args.steps} steps")
     # NNCF builds a C++ extension on first use (minutes): pay it before anything is timed
     # (a small model of its own class: NNCF cannot wrap an nn.Sequential)

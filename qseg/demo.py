@@ -98,7 +98,9 @@ def _median_ms(run, runs: int) -> float:
 
 
 def _openvino_runner(path: Path, x: np.ndarray, threads: int):
-    compiled = compile_openvino(path, threads=threads, config={"PERFORMANCE_HINT": "LATENCY"})
+    compiled = compile_openvino(
+        path, threads=threads, config={"PERFORMANCE_HINT": "LATENCY"}, shapes=[x.shape]
+    )
     request = compiled.create_infer_request()
     return lambda: request.infer({0: x})
 
@@ -237,7 +239,7 @@ def run(
     ir_path = qseg.export_openvino(converted, example, out / "model.xml")
     float_ir = _float_ir(model, example, out / "float.xml")
     say("exported model.onnx and model.xml; checking parity on the test frames")
-    compiled = compile_openvino(ir_path, threads=threads)
+    compiled = compile_openvino(ir_path, threads=threads, shapes=[example.shape])
     session = onnxruntime_session(onnx_path, threads)
     runners = {
         "onnxruntime": lambda frame: session.run(None, {session.get_inputs()[0].name: frame})[0],
