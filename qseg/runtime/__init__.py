@@ -1,5 +1,6 @@
 """Running exported models: OpenVINO compiled exactly (:func:`compile_openvino`),
-onnxruntime sessions, and the CPU facts that change what a runtime computes."""
+onnxruntime sessions, sliding-window inference on whole images (:func:`predict`), and the
+CPU facts that change what a runtime computes."""
 
 from qseg.runtime.cpu import CpuFeatures, cpu_features
 from qseg.runtime.onnxruntime import onnxruntime_ops, onnxruntime_session, run_onnxruntime
@@ -10,6 +11,7 @@ from qseg.runtime.openvino import (
     run_openvino,
     runtime_precisions,
 )
+from qseg.runtime.predict import predict
 
 __all__ = [
     "EXACT_CONFIG",
@@ -19,6 +21,7 @@ __all__ = [
     "cpu_features",
     "onnxruntime_ops",
     "onnxruntime_session",
+    "predict",
     "run_onnxruntime",
     "run_openvino",
     "runtime_precisions",
