@@ -256,43 +256,51 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
+    import dataclasses
     import time
 
     import numpy as np
 
-    from qseg.images import normalize, read_image, write_mask
+    from qseg.images import read_image, write_mask
     from qseg.runtime.predict import predict
+    from qseg.runtime.settings import InferenceSettings, read_settings
 
-    roi = parse_shape(args.roi, "--roi", "256,256")
-    if len(roi) not in (2, 3):
-        raise DataError(f"--roi gives the window of a 2d (H,W) or 3d (D,H,W) model; got {args.roi!r}")
     _check_writable(Path(args.out))
     model = Path(args.model)
-    if not model.is_file():
-        raise ExportError(f"no model file at {str(model)!r}")
+    settings = read_settings(model) or InferenceSettings()
+    if args.roi is not None:
+        settings = dataclasses.replace(settings, roi_size=parse_shape(args.roi, "--roi", "256,256"))
+    if settings.roi_size is None:
+        raise DataError(
+            f"{model} records no window (export it with inference={{'roi_size': ...}}): pass --roi"
+        )
+    roi = settings.roi_size
+    if len(roi) not in (2, 3):
+        raise DataError(f"--roi gives the window of a 2d (H,W) or 3d (D,H,W) model; got {args.roi!r}")
+    overlap = args.overlap if args.overlap is not None else settings.overlap
+    normalize = args.normalize if args.normalize is not None else settings.normalize
+    runner = model
     if model.suffix == ".xml":
         from qseg.runtime.openvino import compile_openvino
 
         # compiled once for every file: the window shape does not depend on the image
-        channels = _model_channels(model)
-        model = compile_openvino(
+        runner = compile_openvino(
             model, threads=args.threads, config={"PERFORMANCE_HINT": "THROUGHPUT"},
-            shapes=[(args.batch_size, channels, *roi)],
+            shapes=[(args.batch_size, _model_channels(model), *roi)],
         )  # fmt: skip
     for name in args.inputs:
         image = read_image(name, spatial_dims=len(roi))
         start = time.perf_counter()
         out = predict(
-            model, normalize(image.array, args.normalize), roi, overlap=args.overlap,
-            batch_size=args.batch_size, threads=args.threads,
+            runner, image.array, roi, overlap=overlap, blend=settings.blend, batch_size=args.batch_size,
+            threads=args.threads, normalize=normalize,
         )  # fmt: skip
         seconds = time.perf_counter() - start
         if not isinstance(out, np.ndarray):
             raise ExportError(
                 f"{args.model} has several outputs; qseg predict writes the mask of a one-output model"
             )
-        mask = (out[0] > 0) if out.shape[0] == 1 else out.argmax(0)
-        written = write_mask(image, mask, args.out)
+        written = write_mask(image, settings.mask(out), args.out)
         voxels = int(np.prod(image.array.shape[1:]))
         print(
             f"{image.path}: {'x'.join(map(str, image.array.shape[1:]))} in {seconds:.2f} s "
@@ -494,9 +502,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="segment whole images and volumes (TIFF, NIfTI, .npy) with an exported model",
         description="Run an exported model (.xml on OpenVINO, .onnx on onnxruntime) on each input by "
         "overlapping windows blended as MONAI's sliding_window_inference does (qseg.predict), and write "
-        "its mask (logit > 0 for one channel, argmax for several; uint8) into --out under the input's "
+        "its mask (score above the recorded threshold, logit > 0 by default, for one channel; argmax for several; uint8) into --out under the input's "
         "name, in its format (a NIfTI mask keeps the image's affine). A mask is written to a temporary "
-        "name and renamed when complete.",
+        "name and renamed when complete. The window, overlap, normalization and how to read the output "
+        "default to what the exporter recorded in the file (export_onnx / export_openvino inference=).",
         epilog="example:\n  qseg predict unet.xml frames/*.tif --out masks --roi 256,256 --normalize percentile",
         formatter_class=_Formatter,
     )
@@ -505,15 +514,15 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--out", required=True, metavar="DIR", help="folder for the masks (created)")
     predict.add_argument(
         "--roi",
-        required=True,
+        default=None,
         metavar="H,W|D,H,W",
-        help="the window: the model's training crop, e.g. 256,256",
+        help="the window: the model's training crop, e.g. 256,256 (default: the one the file records)",
     )
     predict.add_argument(
         "--overlap",
         type=float,
-        default=0.25,
-        help="fraction of a window its neighbour overlaps (default: 0.25)",
+        default=None,
+        help="fraction of a window its neighbour overlaps (default: the file's, else 0.25)",
     )
     predict.add_argument(
         "--batch-size", type=int, default=4, metavar="N", help="windows per call (default: 4)"
@@ -521,9 +530,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument(
         "--normalize",
         choices=("none", "percentile", "zscore"),
-        default="none",
+        default=None,
         help="per-channel scaling the model was trained with: percentile (1st/99.8th -> 0/1, as qseg's "
-        "HeLa data), zscore, or none (default)",
+        "HeLa data), zscore, or none (default: the file's, else none)",
     )
     predict.add_argument(
         "--threads", type=int, default=None, metavar="N", help="inference threads (default: all)"

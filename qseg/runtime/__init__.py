@@ -12,16 +12,19 @@ from qseg.runtime.openvino import (
     runtime_precisions,
 )
 from qseg.runtime.predict import predict
+from qseg.runtime.settings import InferenceSettings, read_settings
 
 __all__ = [
     "EXACT_CONFIG",
     "CpuFeatures",
+    "InferenceSettings",
     "LayerPrecision",
     "compile_openvino",
     "cpu_features",
     "onnxruntime_ops",
     "onnxruntime_session",
     "predict",
+    "read_settings",
     "run_onnxruntime",
     "run_openvino",
     "runtime_precisions",

@@ -27,6 +27,8 @@ from typing import Any, Literal
 import numpy as np
 
 from qseg.errors import DataError, ExportError
+from qseg.images import Normalize
+from qseg.runtime.settings import InferenceSettings, read_settings
 
 __all__ = ["Blend", "predict", "window_starts", "window_weights"]
 
@@ -78,13 +80,14 @@ def window_weights(
 def predict(
     model: Any,
     image: Any,
-    roi_size: Sequence[int],
-    overlap: float = 0.25,
-    blend: Blend = "gaussian",
+    roi_size: Sequence[int] | None = None,
+    overlap: float | None = None,
+    blend: Blend | None = None,
     batch_size: int = 4,
     progress: bool = False,
     sigma_scale: float = 0.125,
     threads: int | None = None,
+    normalize: Normalize | None = None,
 ) -> np.ndarray | tuple[np.ndarray, ...] | dict[str, np.ndarray]:
     """Run ``model`` on ``image`` window by window and blend the window outputs.
 
@@ -99,6 +102,14 @@ def predict(
         roi_size: the window, one size per spatial axis (e.g. ``(256, 256)``).
         overlap: the fraction of a window its neighbour overlaps, in ``[0, 1)``.
         blend: ``"gaussian"`` (a window's border counts less) or ``"constant"``.
+        normalize: per-channel scaling of ``image`` first (``"percentile"``, ``"zscore"``,
+            ``"none"``; :func:`qseg.images.normalize`).
+
+    ``roi_size``, ``overlap``, ``blend`` and ``normalize`` left ``None`` come from the
+    :class:`~qseg.runtime.InferenceSettings` the exporter recorded in the file (or an
+    onnxruntime session's model), else default to no window (an error), 0.25,
+    ``"gaussian"`` and ``"none"``: ``qseg.predict("model.xml", raw_image)`` runs a file
+    exported with ``inference=`` settings as it was validated.
         batch_size: windows per inference call.
         progress: a progress bar of windows on stderr.
         sigma_scale: the Gaussian's sigma as a fraction of the window, per axis.
@@ -123,7 +134,19 @@ def predict(
         >>> out.shape
         (2, 100, 70)
     """
+    from qseg.images import normalize as scale
+
+    settings = read_settings(model) or InferenceSettings()
+    roi_size = roi_size if roi_size is not None else settings.roi_size
+    overlap = overlap if overlap is not None else settings.overlap
+    blend = blend if blend is not None else settings.blend
     array = _image(image)
+    if roi_size is None:
+        raise DataError(
+            "roi_size is needed: give the window (the training crop size), or export the model with "
+            "inference={'roi_size': ...} so the file records it"
+        )
+    array = scale(array, normalize if normalize is not None else settings.normalize)
     spatial = array.shape[1:]
     roi = _roi(roi_size, spatial)
     if not isinstance(overlap, (int, float)) or not 0 <= overlap < 1:

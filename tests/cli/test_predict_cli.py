@@ -143,3 +143,21 @@ def test_a_failed_write_leaves_no_file(tmp_path, monkeypatch):
     assert list((tmp_path / "out").iterdir()) == []
     with pytest.raises(DataError, match="would overwrite its image"):
         write_mask(image, np.zeros((4, 4)), tmp_path)
+
+
+def test_the_window_and_scaling_come_from_the_file_when_not_given(tmp_path, capsys):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 1, 1))
+    x = torch.rand(1, 1, 32, 32)
+    recorded = qseg.export_openvino(
+        net, x, tmp_path / "rec.xml", inference={"roi_size": (32, 32), "normalize": "percentile"}
+    )
+    plain = qseg.export_openvino(net, x, tmp_path / "plain.xml")
+    raw = np.random.default_rng(2).normal(30000, 800, (60, 75)).astype(np.float32)
+    tifffile.imwrite(tmp_path / "raw.tif", raw.astype(np.uint16))
+    code, _, err = run(capsys, "predict", recorded, tmp_path / "raw.tif", "--out", tmp_path / "out")
+    assert code == 0, err
+    expected = qseg.predict(recorded, raw.astype(np.uint16).astype(np.float32)[None])[0] > 0
+    assert (tifffile.imread(tmp_path / "out" / "raw.tif") == expected).mean() > 0.999
+    code, _, err = run(capsys, "predict", plain, tmp_path / "raw.tif", "--out", tmp_path / "out2")
+    assert code == 2 and "records no window" in err and "pass --roi" in err

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -16,6 +18,7 @@ from qseg.exporters.parity import compare, parity_step
 from qseg.models import PaperUNet
 from qseg.runtime import onnxruntime_session
 from qseg.runtime.predict import window_starts, window_weights
+from qseg.runtime.settings import InferenceSettings, read_settings
 
 monai = pytest.importorskip("monai")
 from monai.data.utils import compute_importance_map, dense_patch_slices  # noqa: E402
@@ -141,7 +144,7 @@ def test_tuple_and_dict_outputs_are_blended_each():
     np.testing.assert_allclose(tupled[0], image * 2, rtol=1e-6)
 
 
-class lambda_module(nn.Module):  # noqa: N801 (reads as the function it wraps)
+class lambda_module(nn.Module):
     def __init__(self, fn):
         super().__init__()
         self.fn = fn
@@ -187,3 +190,37 @@ def test_a_compiled_model_and_a_session_of_the_right_shape_are_used_as_given(une
         qseg.predict(session, image, (48, 64), batch_size=2),
         qseg.predict(onnx_file, image, (48, 64), batch_size=2),
     )
+
+
+def test_the_files_recorded_settings_make_the_raw_image_enough(tmp_path):
+    conv = nn.Conv2d(1, 1, 3, padding=1)
+    x = torch.rand(1, 1, 32, 32)
+    settings = InferenceSettings(roi_size=(32, 32), overlap=0.5, blend="constant", normalize="zscore")
+    xml = qseg.export_openvino(conv, x, tmp_path / "m.xml", inference=settings)
+    onnx_file = qseg.export_onnx(conv, x, tmp_path / "m.onnx", inference=dataclasses.asdict(settings))
+    assert read_settings(xml) == read_settings(onnx_file) == settings
+    raw = np.random.default_rng(5).normal(1000, 50, (1, 70, 45)).astype(np.float32)  # camera counts
+    z = (raw - raw.mean()) / raw.std()
+    expected = qseg.predict(conv, z, (32, 32), overlap=0.5, blend="constant")
+    for model in (xml, onnx_file):
+        np.testing.assert_allclose(qseg.predict(model, raw), expected, atol=1e-4)
+    # an explicit argument wins over the file's
+    np.testing.assert_allclose(qseg.predict(xml, z, normalize="none"), expected, atol=1e-4)
+    plain = qseg.export_onnx(conv, x, tmp_path / "plain.onnx")
+    assert read_settings(plain) is None
+    with pytest.raises(DataError, match="roi_size is needed"):
+        qseg.predict(plain, raw)
+
+
+def test_settings_are_checked_and_read_the_output():
+    with pytest.raises(ExportError, match="roi_size must be positive integers"):
+        InferenceSettings(roi_size=(0, 64))
+    with pytest.raises(ExportError, match="normalize must be one of"):
+        InferenceSettings(normalize="minmax")
+    with pytest.raises(ExportError, match="not qseg's inference settings"):
+        InferenceSettings.from_json('{"window": 3}')
+    logits = np.array([[[-2.0, 0.5, 3.0]]])
+    assert InferenceSettings().mask(logits).tolist() == [[0, 1, 1]]
+    assert InferenceSettings(activation="sigmoid", threshold=0.9).mask(logits).tolist() == [[0, 0, 1]]
+    three = np.stack([logits[0], -logits[0], np.zeros_like(logits[0])])
+    assert InferenceSettings().mask(three).tolist() == [[1, 0, 0]]
