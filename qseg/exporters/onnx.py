@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 import qseg.ops  # noqa: F401  (registers torch.ops.qseg.*)
+from qseg import graph as g
 from qseg.errors import ExportError
 from qseg.runtime.settings import METADATA_KEY, InferenceSettings, check_settings
 
@@ -217,13 +218,23 @@ def export_onnx(
     model = model.eval()
     path = Path(path)
     try:
+        # torch.export in non-strict mode, as prepare captures; torch.onnx.export's own first,
+        # strict attempt fails on shape arithmetic it cannot solve (nnU-Net's residual encoders:
+        # "Eq(x/8 - ((x/4)//2), 0) cannot be solved"). backed_size_oblivious keeps a batch of
+        # one dynamic, as torch.onnx.export does.
+        with torch.fx.experimental._config.patch(backed_size_oblivious=True):
+            exported = torch.export.export(
+                model, inputs, strict=False, dynamic_shapes=_dynamic_shapes(inputs) if dynamic else None
+            )
+    except Exception as exc:
+        raise ExportError(f"torch.export failed: {type(exc).__name__}: {g.first_line(exc)}") from exc
+    try:
         program = torch.onnx.export(
-            model,
+            exported,
             inputs,
             dynamo=True,
             opset_version=OPSET,
             custom_translation_table=_translations(),
-            dynamic_shapes=_dynamic_shapes(inputs) if dynamic else None,
             verbose=False,
         )
     except Exception as exc:

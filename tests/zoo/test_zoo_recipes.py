@@ -14,9 +14,11 @@ from __future__ import annotations
 import pytest
 import torch
 from prepare.helpers import one_training_step
+from torch import nn
 
 import qseg
 from qseg.exporters.parity import check_parity, parity_step
+from qseg.runtime import runtime_precisions
 from zoo.catalog import first_tensor, zoo
 
 # one model per family and structure: BatchNorm and InstanceNorm U-Nets, residual units,
@@ -27,7 +29,8 @@ SAMPLE = (
     "monai.FlexibleUNet2d[efficientnet-b0]", "smp.Unet[resnet34]", "smp.FPN[mobilenet_v2]",
     "smp.DeepLabV3Plus[efficientnet-b0]", "torchvision.lraspp_mobilenet_v3_large",
 )  # fmt: skip
-ENTRIES = {name: entry for name, entry in zoo().items() if name in SAMPLE}
+ENTRIES_ALL = zoo()
+ENTRIES = {name: entry for name, entry in ENTRIES_ALL.items() if name in SAMPLE}
 RECIPES = ("int8", "w4a8")
 # "model-recipe" -> what was measured where the converted model does not compute the prepared
 # one yet (issue 14's converted-equals-prepared contract); 2026-11-29, Zen3
@@ -101,3 +104,45 @@ def test_int8_exports_to_onnx_with_parity(name, zoo_packages, tmp_path):
     path = qseg.export_onnx(converted, x, tmp_path / "m.onnx")
     (result,) = check_parity(converted, x, onnx_path=path)
     assert result.ok, result
+
+
+NNUNET = [name for name, entry in ENTRIES_ALL.items() if entry.family == "nnunet"]
+# "model" -> what was measured where a runtime does not keep parity yet (strict xfail)
+NNUNET_KNOWN = {
+    "nnunet.PlainConvUNet2d[IN, deep supervision]": "OpenVINO: 99.96% within one step, same class below 99.9%",
+    "nnunet.ResidualEncoderUNet2d[IN, deep supervision]": "OpenVINO: 99.98% within one step, same class below 99.9%",
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NNUNET)
+def test_nnunet_runs_int8_in_both_runtimes_with_parity(name, zoo_packages, tmp_path, request):
+    """nnU-Net's networks the whole way with ``int8``: converted without inputs, both files, and
+    every quantized conv int8 in OpenVINO but the one tested limit: a transposed conv whose input
+    grid has a zero point (after LeakyReLU) runs f32, as OpenVINO 2026.4 runs a Deconvolution in
+    int8 only on a grid through zero (a symmetric grid runs it i8 but lost parity here)."""
+    entry = ENTRIES_ALL[name]
+    zoo_packages(entry)
+    if name in NNUNET_KNOWN:
+        request.applymarker(pytest.mark.xfail(reason=NNUNET_KNOWN[name], strict=True))
+    torch.manual_seed(0)
+    model, x = entry.factory(), entry.example()
+    qmodel = qseg.prepare(model, "int8", example_inputs=x)
+    qseg.calibrate(qmodel, _calibration(x), progress=False)
+    converted = qseg.convert(qmodel.eval())
+    with torch.no_grad():
+        prepared_out, converted_out = first_tensor(qmodel(x)), first_tensor(converted(x))
+    # BatchNorm folds round differently: within one step, bit-equal where nothing folds
+    step = parity_step(converted)
+    assert (prepared_out - converted_out).abs().max() <= step * 1.001
+    onnx_path = qseg.export_onnx(converted, x, tmp_path / "m.onnx")
+    xml = qseg.export_openvino(converted, x, tmp_path / "m.xml")
+    for result in check_parity(converted, x, onnx_path, xml):
+        assert result.ok, result
+    convs = ("Convolution", "Deconvolution", "GroupConvolution")
+    precisions = runtime_precisions(xml, layer_types=convs)
+    transposed = sum(isinstance(m, nn.modules.conv._ConvTransposeNd) for m in model.modules())
+    leaky = any(isinstance(m, nn.LeakyReLU) for m in model.modules())
+    float_convs = [p for p in precisions if p.precision not in ("u8", "i8")]
+    assert len(precisions) == len(qmodel.qseg_report.quantized_layers)
+    assert [p.layer_type for p in float_convs] == ["Deconvolution"] * (transposed if leaky else 0)
