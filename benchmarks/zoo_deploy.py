@@ -37,7 +37,7 @@ from zoo.catalog import available, first_tensor, zoo  # noqa: E402
 import qseg  # noqa: E402
 from qseg.calibrate import calibrated_quantizers  # noqa: E402
 from qseg.exporters.parity import check_parity  # noqa: E402
-from qseg.runtime import cpu_features, runtime_precisions  # noqa: E402
+from qseg.runtime import runtime_precisions  # noqa: E402
 
 CONVS = ("Convolution", "GroupConvolution", "Deconvolution", "GroupDeconvolution")
 
@@ -74,7 +74,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     wanted = [w for w in args.models.split(",") if w]
-    print(f"# {cpu_name()}, {cpu_features().describe()}; torch {torch.__version__}; recipe {args.recipe}")
+    print(f"# {cpu_name()}; torch {torch.__version__}; recipe {args.recipe}")
     print(
         "| model | path | quantized layers | OpenVINO int8 convs | max |converted - prepared| | onnxruntime | OpenVINO | s |"
     )

@@ -17,6 +17,7 @@ from qseg.exporters import export_onnx, export_openvino
 from qseg.hooks import TrainingHooks, training_hooks
 from qseg.prepare import prepare
 from qseg.recipes import Recipe
+from qseg.runtime.predict import predict
 
 __version__ = "0.1.0"
 
@@ -40,6 +41,7 @@ __all__ = [
     "export_onnx",
     "export_openvino",
     "inq",
+    "predict",
     "prepare",
     "quantizers",
     "recipes",

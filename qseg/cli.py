@@ -1,4 +1,4 @@
-"""The ``qseg`` command: ``demo``, ``recipes``, ``inspect`` and ``export``.
+"""The ``qseg`` command: ``demo``, ``recipes``, ``inspect``, ``export`` and ``predict``.
 
 Every error qseg raises on bad input (:class:`~qseg.errors.QsegError`) ends the
 command with its message on stderr and exit status 2, the status argparse uses
@@ -16,7 +16,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from qseg.errors import ExportError, ModelError, QsegError
+from qseg.errors import DataError, ExportError, ModelError, QsegError
 
 __all__ = ["build_parser", "load_factory", "main", "parse_shape"]
 
@@ -32,8 +32,8 @@ it (qseg.convert) and writes it. --model, --recipe and --input-shape must descri
 model the checkpoint was saved from; a layer or buffer that does not match is an error."""
 
 
-def parse_shape(text: str) -> tuple[int, ...]:
-    """The input shape ``"1,1,64,64"`` as a tuple of positive integers.
+def parse_shape(text: str, option: str = "--input-shape", example: str = "1,1,64,64") -> tuple[int, ...]:
+    """The input shape ``"1,1,64,64"`` (of command-line ``option``) as a tuple of positive integers.
 
     Raises:
         ModelError: ``text`` is not a comma-separated list of positive integers.
@@ -48,9 +48,7 @@ def parse_shape(text: str) -> tuple[int, ...]:
     """
     parts = [p.strip() for p in text.split(",")]
     if not parts or not all(p.isdigit() and int(p) > 0 for p in parts):
-        raise ModelError(
-            f"--input-shape takes comma-separated positive integers such as 1,1,64,64; got {text!r}"
-        )
+        raise ModelError(f"{option} takes comma-separated positive integers such as {example}; got {text!r}")
     return tuple(int(p) for p in parts)
 
 
@@ -257,6 +255,86 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_predict(args: argparse.Namespace) -> int:
+    import dataclasses
+    import time
+
+    import numpy as np
+
+    from qseg.images import read_image, write_mask
+    from qseg.runtime.predict import predict
+    from qseg.runtime.settings import InferenceSettings, read_settings
+
+    _check_writable(Path(args.out))
+    model = Path(args.model)
+    settings = read_settings(model) or InferenceSettings()
+    if args.roi is not None:
+        settings = dataclasses.replace(settings, roi_size=parse_shape(args.roi, "--roi", "256,256"))
+    if settings.roi_size is None:
+        raise DataError(
+            f"{model} records no window (export it with inference={{'roi_size': ...}}): pass --roi"
+        )
+    roi = settings.roi_size
+    if len(roi) not in (2, 3):
+        raise DataError(f"--roi gives the window of a 2d (H,W) or 3d (D,H,W) model; got {args.roi!r}")
+    overlap = args.overlap if args.overlap is not None else settings.overlap
+    normalize = args.normalize if args.normalize is not None else settings.normalize
+    runner = model
+    if model.suffix == ".xml":
+        from qseg.runtime.openvino import compile_openvino
+
+        # compiled once for every file: the window shape does not depend on the image
+        runner = compile_openvino(
+            model, threads=args.threads, config={"PERFORMANCE_HINT": "THROUGHPUT"},
+            shapes=[(args.batch_size, _model_channels(model), *roi)],
+        )  # fmt: skip
+    for name in args.inputs:
+        image = read_image(name, spatial_dims=len(roi))
+        start = time.perf_counter()
+        out = predict(
+            runner, image.array, roi, overlap=overlap, blend=settings.blend, batch_size=args.batch_size,
+            threads=args.threads, normalize=normalize,
+        )  # fmt: skip
+        seconds = time.perf_counter() - start
+        if not isinstance(out, np.ndarray):
+            raise ExportError(
+                f"{args.model} has several outputs; qseg predict writes the mask of a one-output model"
+            )
+        written = write_mask(image, settings.mask(out), args.out)
+        voxels = int(np.prod(image.array.shape[1:]))
+        print(
+            f"{image.path}: {'x'.join(map(str, image.array.shape[1:]))} in {seconds:.2f} s "
+            f"({voxels / seconds / 1e6:.2f} Mvoxel/s) -> {written} ({written.stat().st_size / 1e6:.3f} MB)",
+            flush=True,
+        )
+    return 0
+
+
+def _check_writable(folder: Path) -> None:
+    """Fail before any work when the masks could not be written."""
+    import tempfile
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise DataError(f"cannot write masks into {folder}: {exc.strerror or exc}") from exc
+
+
+def _model_channels(xml: Path) -> int:
+    """The input channels of an IR, which the window batch must give."""
+    import openvino as ov
+
+    try:
+        shape = ov.Core().read_model(str(xml)).input(0).get_partial_shape()
+    except Exception as exc:
+        raise ExportError(f"OpenVINO cannot read {xml}: {exc}") from exc
+    if shape.rank.is_dynamic or shape[1].is_dynamic:
+        raise ExportError(f"{xml}: its input channels are not fixed ({shape}); predict needs them")
+    return shape[1].get_length()
+
+
 # ---- parser --------------------------------------------------------------------------------
 
 
@@ -418,6 +496,48 @@ def build_parser() -> argparse.ArgumentParser:
         "or dequantized float (default: int8)",
     )
     export.set_defaults(run=_cmd_export)
+
+    predict = commands.add_parser(
+        "predict",
+        help="segment whole images and volumes (TIFF, NIfTI, .npy) with an exported model",
+        description="Run an exported model (.xml on OpenVINO, .onnx on onnxruntime) on each input by "
+        "overlapping windows blended as MONAI's sliding_window_inference does (qseg.predict), and write "
+        "its mask (score above the recorded threshold, logit > 0 by default, for one channel; argmax for several; uint8) into --out under the input's "
+        "name, in its format (a NIfTI mask keeps the image's affine). A mask is written to a temporary "
+        "name and renamed when complete. The window, overlap, normalization and how to read the output "
+        "default to what the exporter recorded in the file (export_onnx / export_openvino inference=).",
+        epilog="example:\n  qseg predict unet.xml frames/*.tif --out masks --roi 256,256 --normalize percentile",
+        formatter_class=_Formatter,
+    )
+    predict.add_argument("model", metavar="MODEL", help="an OpenVINO IR (.xml) or ONNX file (.onnx)")
+    predict.add_argument("inputs", nargs="+", metavar="INPUT", help="images: .tif/.tiff, .nii/.nii.gz, .npy")
+    predict.add_argument("--out", required=True, metavar="DIR", help="folder for the masks (created)")
+    predict.add_argument(
+        "--roi",
+        default=None,
+        metavar="H,W|D,H,W",
+        help="the window: the model's training crop, e.g. 256,256 (default: the one the file records)",
+    )
+    predict.add_argument(
+        "--overlap",
+        type=float,
+        default=None,
+        help="fraction of a window its neighbour overlaps (default: the file's, else 0.25)",
+    )
+    predict.add_argument(
+        "--batch-size", type=int, default=4, metavar="N", help="windows per call (default: 4)"
+    )
+    predict.add_argument(
+        "--normalize",
+        choices=("none", "percentile", "zscore"),
+        default=None,
+        help="per-channel scaling the model was trained with: percentile (1st/99.8th -> 0/1, as qseg's "
+        "HeLa data), zscore, or none (default: the file's, else none)",
+    )
+    predict.add_argument(
+        "--threads", type=int, default=None, metavar="N", help="inference threads (default: all)"
+    )
+    predict.set_defaults(run=_cmd_predict)
     return parser
 
 

@@ -391,12 +391,13 @@ def convert(qmodel: nn.Module, example_inputs: torch.Tensor | tuple | None = Non
     A model prepared through torch.fx converts to a ``torch.fx.GraphModule``. A
     model prepared on the fallback (torch.export + module swap, for models FX
     cannot capture) converts to a copy of the eager model with the same changes
-    made by module swap; its graph is read again with ``torch.export``, so it
-    needs ``example_inputs`` (the ones given to ``prepare`` will do).
+    made by module swap; its graph is read again with ``torch.export`` on
+    ``example_inputs``, by default the ones ``prepare`` verified (kept on the model
+    as ``qseg_example_inputs``, moved to its device).
 
     Raises:
         ExportError: the model was not returned by ``qseg.prepare``, a fallback
-            model came without ``example_inputs`` or cannot be exported on them,
+            model has no example inputs or cannot be exported on them,
             or a layer has non-finite weights (the message names the layer).
 
     Example:
@@ -411,11 +412,15 @@ def convert(qmodel: nn.Module, example_inputs: torch.Tensor | tuple | None = Non
     if isinstance(qmodel, fx.GraphModule):
         return _convert_fx(qmodel)
     if example_inputs is None:
-        raise ExportError(
-            f"{type(qmodel).__name__} was prepared on the torch.export + module swap fallback "
-            "(qmodel.qseg_report.capture says why), which keeps no graph: convert reads it again "
-            "with torch.export, so pass the inputs: qseg.convert(qmodel, example_inputs=x)"
-        )
+        example_inputs = getattr(qmodel, "qseg_example_inputs", None)
+        if example_inputs is None:
+            raise ExportError(
+                f"{type(qmodel).__name__} was prepared on the torch.export + module swap fallback "
+                "and carries no example inputs (a model saved and rebuilt without them): convert reads "
+                "its graph again with torch.export, so pass the inputs: qseg.convert(qmodel, example_inputs=x)"
+            )
+        device = next((p.device for p in qmodel.parameters()), torch.device("cpu"))
+        example_inputs = tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in example_inputs)
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     return _convert_fallback(qmodel, inputs)
 

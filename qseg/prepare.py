@@ -135,6 +135,10 @@ def _prepare_fallback(model: nn.Module, inputs: tuple, recipe: Recipe, fx_failur
         "not applied: needs the torch.fx capture (this model used the fallback)" if recipe.rescale else ""
     )
     model.qseg_report = _report(module_graph, recipe.name, how, decisions, removed, rescaled)
+    # convert reads the graph again with torch.export: it needs inputs, and these were verified
+    model.qseg_example_inputs = tuple(
+        t.detach().clone() if isinstance(t, torch.Tensor) else t for t in inputs
+    )
     allow_float_checkpoints(model)
     return model
 

@@ -159,7 +159,10 @@ def test_every_quantized_value_lies_on_the_drawn_grid(index, values):
         return  # an all-zero tensor defines no power-of-two bounds
     grid = plots.quantizer_grid(quantizer, x)
     out = quantizer(x).double().numpy().ravel()
-    assert np.isin(out, grid).all(), (out[~np.isin(out, grid)], grid)
+    # the grid is drawn in float64; the quantizer computes in float32 (DoReFa's 7 * (1 / 7)
+    # is 1.0 there and 1.00000004 in the drawing): on the grid up to float32 rounding
+    on_grid = np.isclose(out[:, None], grid[None, :], rtol=1e-6, atol=0).any(axis=1)
+    assert on_grid.all(), (out[~on_grid], grid)
 
 
 def test_power_of_two_grid_follows_fixed_bounds():

@@ -20,7 +20,9 @@ import torch
 from torch import nn
 
 import qseg.ops  # noqa: F401  (registers torch.ops.qseg.*)
+from qseg import graph as g
 from qseg.errors import ExportError
+from qseg.runtime.settings import METADATA_KEY, InferenceSettings, check_settings
 
 __all__ = ["export_onnx"]
 
@@ -161,6 +163,7 @@ def export_onnx(
     path: str | os.PathLike,
     weights: str = "int8",
     dynamic: bool = True,
+    inference: InferenceSettings | dict | None = None,
 ) -> Path:
     """Write ``model`` as a QDQ ONNX file (opset 21) and return its path.
 
@@ -176,6 +179,10 @@ def export_onnx(
             size, for grids of at most 4 stored bits; runtimes dequantize them and
             run the conv in float), or ``"float"`` (dequantized float weights).
         dynamic: dynamic batch and spatial dimensions (channels stay fixed).
+        inference: what running the file needs besides the network (window, overlap,
+            input normalization, output reading: :class:`~qseg.runtime.InferenceSettings`,
+            or a dict of its fields), stored in ``metadata_props`` for
+            :func:`qseg.predict` and ``qseg predict``.
 
     Raises:
         ExportError: the export failed, a grid does not fit the chosen storage,
@@ -204,19 +211,30 @@ def export_onnx(
 
     if weights not in ("int8", "int4", "float"):
         raise ExportError(f"weights must be one of 'int8', 'int4', 'float'; got {weights!r}")
+    settings = check_settings(inference)
     if hasattr(model, "qseg_report") and not hasattr(model, "qseg_convert"):
         model = convert(model)
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     model = model.eval()
     path = Path(path)
     try:
+        # torch.export in non-strict mode, as prepare captures; torch.onnx.export's own first,
+        # strict attempt fails on shape arithmetic it cannot solve (nnU-Net's residual encoders:
+        # "Eq(x/8 - ((x/4)//2), 0) cannot be solved"). backed_size_oblivious keeps a batch of
+        # one dynamic, as torch.onnx.export does.
+        with torch.fx.experimental._config.patch(backed_size_oblivious=True):
+            exported = torch.export.export(
+                model, inputs, strict=False, dynamic_shapes=_dynamic_shapes(inputs) if dynamic else None
+            )
+    except Exception as exc:
+        raise ExportError(f"torch.export failed: {type(exc).__name__}: {g.first_line(exc)}") from exc
+    try:
         program = torch.onnx.export(
-            model,
+            exported,
             inputs,
             dynamo=True,
             opset_version=OPSET,
             custom_translation_table=_translations(),
-            dynamic_shapes=_dynamic_shapes(inputs) if dynamic else None,
             verbose=False,
         )
     except Exception as exc:
@@ -229,6 +247,8 @@ def export_onnx(
         _as_int4(proto)
     elif weights == "float":
         _as_float(proto)
+    if settings is not None:
+        onnx.helper.set_model_props(proto, {METADATA_KEY: settings.to_json()})
     try:
         onnx.checker.check_model(proto, full_check=True)
     except Exception as exc:

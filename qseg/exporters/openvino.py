@@ -15,6 +15,7 @@ from torch import nn
 
 from qseg.errors import ExportError
 from qseg.exporters.openvino_rewrite import openvino_form
+from qseg.runtime.settings import METADATA_KEY, InferenceSettings
 
 __all__ = ["export_openvino", "openvino_from_onnx"]
 
@@ -24,6 +25,7 @@ def export_openvino(
     example_inputs: torch.Tensor | tuple,
     path: str | os.PathLike,
     weights: str = "int8",
+    inference: InferenceSettings | dict | None = None,
 ) -> Path:
     """Write ``model`` as OpenVINO IR (``path`` ``.xml`` plus its ``.bin``) and return the xml path.
 
@@ -31,7 +33,8 @@ def export_openvino(
     ``weights`` choices) by :func:`openvino_from_onnx`; the activation quantizers
     become FakeQuantize ops fused into the int8 convolutions. Weights are saved
     as they are: ``compress_to_fp16=False`` (OpenVINO would otherwise store float
-    weights as FP16, silently).
+    weights as FP16, silently). ``inference`` settings (as for :func:`qseg.export_onnx`)
+    are stored in the IR's ``rt_info``.
 
     Raises:
         ExportError: ``path`` does not end in ``.xml``, or the export or the
@@ -55,7 +58,9 @@ def export_openvino(
     if Path(path).suffix != ".xml":
         raise ExportError(f"an OpenVINO IR path ends in .xml, got {str(path)!r}")
     with tempfile.TemporaryDirectory() as tmp:
-        onnx_path = export_onnx(model, example_inputs, Path(tmp) / "model.onnx", weights=weights)
+        onnx_path = export_onnx(
+            model, example_inputs, Path(tmp) / "model.onnx", weights=weights, inference=inference
+        )
         return openvino_from_onnx(onnx_path, path)
 
 
@@ -96,8 +101,9 @@ def openvino_from_onnx(
         raise ExportError(f"an OpenVINO IR path ends in .xml, got {str(path)!r}")
     with tempfile.TemporaryDirectory() as tmp:
         source = Path(onnx_path)
+        proto = onnx.load(str(onnx_path))
+        settings = next((p.value for p in proto.metadata_props if p.key == METADATA_KEY), None)
         if fuse_quantizers:
-            proto = onnx.load(str(onnx_path))
             openvino_form(proto)
             source = Path(tmp) / "openvino_form.onnx"
             onnx.save(proto, str(source))
@@ -106,6 +112,8 @@ def openvino_from_onnx(
         except Exception as exc:
             raise ExportError(f"OpenVINO could not convert {onnx_path}: {exc}") from exc
     _int4_to_int8_at_load(ir)
+    if settings is not None:  # the ONNX file's inference settings travel into the IR
+        ir.set_rt_info(settings, [METADATA_KEY])
     path.parent.mkdir(parents=True, exist_ok=True)
     ov.save_model(ir, str(path), compress_to_fp16=False)
     return path

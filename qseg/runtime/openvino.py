@@ -16,6 +16,7 @@ made at compile time: OpenVINO 2026.4 ignores one stored in the IR's
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,7 @@ def compile_openvino(
     threads: int | None = None,
     exact: bool = True,
     config: dict[str, Any] | None = None,
+    shapes: Sequence[Sequence[int]] | None = None,
 ):
     """Compile an IR (``.xml``), an ONNX file or an ``openvino.Model`` for inference.
 
@@ -55,17 +57,27 @@ def compile_openvino(
     gives the measured cost). ``threads`` sets ``INFERENCE_NUM_THREADS`` (``None``:
     OpenVINO's choice); ``config`` adds or overrides compile properties.
 
+    ``shapes`` (one shape per model input) compiles a model of dynamic shape for those
+    static shapes. Give them whenever the input shape is known: on dynamic shapes
+    OpenVINO 2026.4's CPU plugin multiplies the output of an int8 convolution by its
+    dequantization scale twice where that output also feeds a residual Add (a
+    pre-activation residual block, MONAI's SegResNet), so only static shapes reproduce
+    the file. qseg's exporters write shapes dynamic in batch and every spatial dimension.
+
     Raises:
-        ExportError: the file does not exist, or OpenVINO cannot read or compile it.
+        ExportError: the file does not exist, OpenVINO cannot read or compile it, or
+            ``shapes`` does not fit its inputs.
 
     Example:
         >>> import tempfile, torch, qseg
         >>> from qseg.exporters import compile_openvino
         >>> with tempfile.TemporaryDirectory() as tmp:
         ...     onnx_file = qseg.export_onnx(torch.nn.Conv2d(1, 2, 3), torch.randn(1, 1, 8, 8), f"{tmp}/c.onnx")
-        ...     compiled = compile_openvino(onnx_file, threads=1)
-        ...     compiled.get_property("INFERENCE_PRECISION_HINT")  # f32 on every CPU kind
+        ...     compiled = compile_openvino(onnx_file, threads=1, shapes=[(1, 1, 64, 64)])
+        >>> compiled.get_property("INFERENCE_PRECISION_HINT")  # f32 on every CPU kind
         <Type: 'float32'>
+        >>> list(compiled.input(0).get_shape())
+        [1, 1, 64, 64]
     """
     import openvino as ov
 
@@ -78,6 +90,8 @@ def compile_openvino(
             model = core.read_model(str(path))
         except Exception as exc:
             raise ExportError(f"OpenVINO cannot read {path}: {exc}") from exc
+    if shapes is not None:
+        _reshape(model, shapes)
     properties: dict[str, Any] = dict(EXACT_CONFIG) if exact else {}
     if threads is not None:
         properties["INFERENCE_NUM_THREADS"] = int(threads)
@@ -95,11 +109,9 @@ def run_openvino(
     :func:`compile_openvino` (``exact`` as there).
 
     ``inputs`` are tensors in the order of the model's inputs; ``threads`` sets
-    OpenVINO's inference threads. A model with dynamic dimensions is compiled for
-    the shapes of ``inputs``: on dynamic shapes OpenVINO 2026.4's CPU plugin
-    multiplies the output of an int8 convolution by its dequantization scale twice
-    where that output also feeds a residual Add (a pre-activation residual block,
-    MONAI's SegResNet), so only static shapes reproduce the file.
+    OpenVINO's inference threads. The model is compiled for the shapes of ``inputs``
+    (``shapes`` of :func:`compile_openvino`: on dynamic shapes OpenVINO's CPU plugin
+    does not always compute what the file says).
 
     Example:
         >>> import tempfile, torch, qseg
@@ -110,25 +122,25 @@ def run_openvino(
         >>> y.shape, bool(abs(torch.from_numpy(y) - conv(x)).max() < 1e-5)
         ((1, 2, 6, 6), True)
     """
-    import openvino as ov
-
     arrays = [t.detach().cpu().numpy() for t in inputs]
-    model = Path(path)
-    if model.is_file():
-        try:
-            model = ov.Core().read_model(str(model))
-        except Exception as exc:
-            raise ExportError(f"OpenVINO cannot read {path}: {exc}") from exc
-        if model.is_dynamic():
-            # compile for these inputs' shapes: OpenVINO 2026.4's CPU plugin scales an int8
-            # conv's output twice on dynamic shapes where it fans out to a residual Add
-            # (docs/export.md); on static shapes it computes what the file says
-            model.reshape(
-                {port: ov.PartialShape(list(a.shape)) for port, a in zip(model.inputs, arrays, strict=True)}
-            )
-    compiled = compile_openvino(model, threads=threads, exact=exact)
+    compiled = compile_openvino(path, threads=threads, exact=exact, shapes=[a.shape for a in arrays])
     result = compiled(arrays)
     return [result[o] for o in compiled.outputs]
+
+
+def _reshape(model: Any, shapes: Sequence[Sequence[int]]) -> None:
+    """Give ``model`` (an ``openvino.Model``) the static ``shapes``, one per input."""
+    import openvino as ov
+
+    shapes = [tuple(int(d) for d in shape) for shape in shapes]
+    if len(shapes) != len(model.inputs):
+        raise ExportError(f"shapes gives {len(shapes)} shapes for a model of {len(model.inputs)} inputs")
+    try:
+        model.reshape(
+            {port: ov.PartialShape(list(shape)) for port, shape in zip(model.inputs, shapes, strict=True)}
+        )
+    except Exception as exc:
+        raise ExportError(f"OpenVINO cannot give the model input shapes {shapes}: {exc}") from exc
 
 
 @dataclass(frozen=True)

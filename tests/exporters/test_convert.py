@@ -189,9 +189,14 @@ class SkipIfTensor(nn.Module):
         return self.head(self.b3(self.c3(z)))
 
 
-def test_fallback_model_needs_its_example_inputs():
+def test_fallback_model_converts_on_the_inputs_prepare_verified():
     q = trained(SkipIfTensor(), steps=0, size=16)
     assert "torch.export + module swap" in q.qseg_report.capture
+    x = torch.randn(3, 1, 20, 20)
+    with torch.no_grad():
+        expected = qseg.convert(q, example_inputs=torch.randn(2, 1, 16, 16))(x)
+        assert torch.equal(qseg.convert(q)(x), expected)  # no inputs: prepare's
+    del q.qseg_example_inputs  # a model rebuilt without them
     with pytest.raises(qseg.ExportError, match=r"qseg\.convert\(qmodel, example_inputs=x\)"):
         qseg.convert(q)
 

@@ -10,15 +10,18 @@ from collections import Counter
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
 import qseg
+from qseg.errors import ExportError
 from qseg.exporters import (
     OpenVINOForm,
     check_parity,
+    compile_openvino,
     export_onnx,
     openvino_form,
     openvino_from_onnx,
@@ -287,7 +290,17 @@ def test_openvino_runs_a_residual_over_an_int8_conv_on_dynamic_shapes(tmp_path):
         None, {"x": x.numpy()}
     )
     (got,) = run_openvino(path, (x,), threads=1)
+    compiled = compile_openvino(path, threads=1, shapes=[x.shape])
+    assert np.array_equal(compiled([x.numpy()])[compiled.output(0)], got)
     # a value on a rounding tie of the Relu's quantizer may move one code (0.012 here);
     # the doubled scale leaves the residual out (max |diff| 1.2 before the fix)
     assert np.abs(got - expected).max() < 0.05
     assert (np.abs(got - expected) < 1e-5).mean() > 0.99
+
+
+def test_compile_openvino_refuses_shapes_that_do_not_fit(tmp_path):
+    onnx_path = export_onnx(torch.nn.Conv2d(1, 2, 3), torch.randn(1, 1, 8, 8), tmp_path / "c.onnx")
+    with pytest.raises(ExportError, match="2 shapes for a model of 1 inputs"):
+        compile_openvino(onnx_path, shapes=[(1, 1, 8, 8), (1, 1, 8, 8)])
+    with pytest.raises(ExportError, match=r"input shapes \[\(1, 3, 8, 8\)\]"):
+        compile_openvino(onnx_path, shapes=[(1, 3, 8, 8)])

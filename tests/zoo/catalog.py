@@ -59,6 +59,8 @@ FAMILY_REQUIRES = {
     "monai": ("monai", "einops"),
     "smp": ("segmentation_models_pytorch", "timm"),
     "torchvision": ("torchvision",),
+    # installed with --no-deps (README): it pins timm<1.0.23, smp needs a newer one
+    "nnunet": ("dynamic_network_architectures",),
 }
 
 
@@ -267,6 +269,49 @@ def _smp_entries() -> dict[str, Entry]:
     }
 
 
+# ---- nnU-Net (dynamic-network-architectures) --------------------------------------------------
+
+
+def _nnunet(arch: str, dims: int, norm: str, deep_supervision: bool) -> nn.Module:
+    from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet
+
+    conv = (nn.Conv2d, nn.Conv3d)[dims - 2]
+    if norm == "IN":  # nnU-Net's default: InstanceNorm + LeakyReLU
+        norm_op = (nn.InstanceNorm2d, nn.InstanceNorm3d)[dims - 2]
+        nonlin, nonlin_kwargs = nn.LeakyReLU, {"negative_slope": 0.01, "inplace": True}
+    else:
+        norm_op = (nn.BatchNorm2d, nn.BatchNorm3d)[dims - 2]
+        nonlin, nonlin_kwargs = nn.ReLU, {"inplace": True}
+    common = dict(
+        input_channels=1, n_stages=4, features_per_stage=(8, 16, 32, 32), conv_op=conv, kernel_sizes=3,
+        strides=(1, 2, 2, 2), num_classes=2, n_conv_per_stage_decoder=(1, 1, 1), conv_bias=True,
+        norm_op=norm_op, norm_op_kwargs={"eps": 1e-5, "affine": True}, nonlin=nonlin,
+        nonlin_kwargs=nonlin_kwargs, deep_supervision=deep_supervision,
+    )  # fmt: skip
+    if arch == "PlainConvUNet":
+        return PlainConvUNet(n_conv_per_stage=(2, 2, 2, 2), **common)
+    return ResidualEncoderUNet(n_blocks_per_stage=(1, 2, 2, 2), **common)
+
+
+def _nnunet_entries() -> dict[str, Entry]:
+    variants = (
+        ("PlainConvUNet", 2, "IN", False), ("PlainConvUNet", 2, "BN", False), ("PlainConvUNet", 2, "IN", True),
+        ("PlainConvUNet", 3, "IN", False), ("PlainConvUNet", 3, "BN", False),
+        ("ResidualEncoderUNet", 2, "IN", False), ("ResidualEncoderUNet", 2, "IN", True),
+        ("ResidualEncoderUNet", 3, "IN", False),
+    )  # fmt: skip
+    return {
+        f"nnunet.{arch}{dims}d[{norm}{', deep supervision' if ds else ''}]": Entry(
+            partial(_nnunet, arch, dims, norm, ds),
+            partial(_input, 1, 32 if dims == 2 else 16, dims, 2),
+            "nnunet",
+            dims,
+            FAMILY_REQUIRES["nnunet"],
+        )
+        for arch, dims, norm, ds in variants
+    }
+
+
 # ---- torchvision ---------------------------------------------------------------------------
 
 
@@ -297,4 +342,5 @@ def zoo() -> dict[str, Entry]:
     out.update(_monai_entries())
     out.update(_smp_entries())
     out.update(_torchvision_entries())
+    out.update(_nnunet_entries())
     return out

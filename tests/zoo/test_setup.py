@@ -29,7 +29,7 @@ def test_missing_package_fails_when_the_zoo_is_required(monkeypatch):
 
 def test_catalog_lists_every_family_without_importing_them():
     entries = zoo()
-    assert {e.family for e in entries.values()} == {"qseg", "monai", "smp", "torchvision"}
+    assert {e.family for e in entries.values()} == {"qseg", "monai", "smp", "torchvision", "nnunet"}
     assert all(e.dims in (2, 3) for e in entries.values())
     assert available(entries["qseg.PaperUNet"])
 

@@ -14,9 +14,11 @@ from __future__ import annotations
 import pytest
 import torch
 from prepare.helpers import one_training_step
+from torch import nn
 
 import qseg
 from qseg.exporters.parity import check_parity, parity_step
+from qseg.runtime import runtime_precisions
 from zoo.catalog import first_tensor, zoo
 
 # one model per family and structure: BatchNorm and InstanceNorm U-Nets, residual units,
@@ -27,10 +29,15 @@ SAMPLE = (
     "monai.FlexibleUNet2d[efficientnet-b0]", "smp.Unet[resnet34]", "smp.FPN[mobilenet_v2]",
     "smp.DeepLabV3Plus[efficientnet-b0]", "torchvision.lraspp_mobilenet_v3_large",
 )  # fmt: skip
-ENTRIES = {name: entry for name, entry in zoo().items() if name in SAMPLE}
+ENTRIES_ALL = zoo()
+ENTRIES = {name: entry for name, entry in ENTRIES_ALL.items() if name in SAMPLE}
 RECIPES = ("int8", "w4a8")
 # "model-recipe" -> what was measured where the converted model does not compute the prepared
 # one yet (issue 14's converted-equals-prepared contract); 2026-11-29, Zen3
+# Both are the BatchNorm fold's float rounding, not another computation: the first code that
+# moves sits on a tie in the prepared model (x / s = 79.5 exactly at AttentionUnet's
+# model.1.submodule.0.conv.1 BatchNorm, 82.5 at smp's encoder.bn1) and 1-2 ulps off it in the
+# converted one (79.49999, 82.50004); each move spreads one layer on (2 codes -> 9 -> 15 -> 47)
 KNOWN: dict[str, str] = {
     "monai.AttentionUnet2d-int8": "converted vs prepared: 99.41% within one step",
     "smp.Unet[resnet34]-int8": "converted vs prepared: 99.54% within one step",
@@ -38,7 +45,16 @@ KNOWN: dict[str, str] = {
 # ONNX export and onnxruntime parity on the models of SAMPLE that pass it today; the others,
 # measured by benchmarks/zoo_deploy.py: AttentionUnet2d, DynUNet2d, BasicUNet2d, UNet3d,
 # smp.Unet[resnet34] lose parity (96.9%, 69.7%, 99.7% with 99.4% same class, 94.0%, 99.8% with
-# 99.8% same class within one step) and smp.DeepLabV3Plus[efficientnet-b0] fails torch.export
+# 99.8% same class within one step) and smp.DeepLabV3Plus[efficientnet-b0] fails torch.export.
+# Traced 2026-11-30: DynUNet2d and smp.Unet lose it to float rounding, not to a different
+# computation: a value within an ulp of a rounding tie of a calibrated grid is rounded the
+# other way by the runtime's float order (an InstanceNorm's reduction), and the one-step move
+# spreads through the layers after it; DynUNet2d computed by PyTorch itself with its
+# InstanceNorms in float64 is as far from its float32 run (69.1% within one step, 98.4% same
+# class) as onnxruntime is. AttentionUnet2d has a real difference on top: onnxruntime rounds a
+# QDQ Conv's float bias to int32 codes (input scale x weight scale) to fuse a QLinearConv, up to
+# half a code off the model's bias (adding the bias after the Conv instead: 99.6% / 99.90%, but
+# those convs then run in float); the fix is a bias on that grid in the prepared model itself.
 EXPORTED = ("qseg.PaperUNet", "qseg.TwoHeadFCN", "monai.UNet2d", "monai.SegResNet2d", "smp.FPN[mobilenet_v2]")
 
 
@@ -88,3 +104,45 @@ def test_int8_exports_to_onnx_with_parity(name, zoo_packages, tmp_path):
     path = qseg.export_onnx(converted, x, tmp_path / "m.onnx")
     (result,) = check_parity(converted, x, onnx_path=path)
     assert result.ok, result
+
+
+NNUNET = [name for name, entry in ENTRIES_ALL.items() if entry.family == "nnunet"]
+# "model" -> what was measured where a runtime does not keep parity yet (strict xfail)
+NNUNET_KNOWN = {
+    "nnunet.PlainConvUNet2d[IN, deep supervision]": "OpenVINO: 99.96% within one step, same class below 99.9%",
+    "nnunet.ResidualEncoderUNet2d[IN, deep supervision]": "OpenVINO: 99.98% within one step, same class below 99.9%",
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NNUNET)
+def test_nnunet_runs_int8_in_both_runtimes_with_parity(name, zoo_packages, tmp_path, request):
+    """nnU-Net's networks the whole way with ``int8``: converted without inputs, both files, and
+    every quantized conv int8 in OpenVINO but the one tested limit: a transposed conv whose input
+    grid has a zero point (after LeakyReLU) runs f32, as OpenVINO 2026.4 runs a Deconvolution in
+    int8 only on a grid through zero (a symmetric grid runs it i8 but lost parity here)."""
+    entry = ENTRIES_ALL[name]
+    zoo_packages(entry)
+    if name in NNUNET_KNOWN:
+        request.applymarker(pytest.mark.xfail(reason=NNUNET_KNOWN[name], strict=True))
+    torch.manual_seed(0)
+    model, x = entry.factory(), entry.example()
+    qmodel = qseg.prepare(model, "int8", example_inputs=x)
+    qseg.calibrate(qmodel, _calibration(x), progress=False)
+    converted = qseg.convert(qmodel.eval())
+    with torch.no_grad():
+        prepared_out, converted_out = first_tensor(qmodel(x)), first_tensor(converted(x))
+    # BatchNorm folds round differently: within one step, bit-equal where nothing folds
+    step = parity_step(converted)
+    assert (prepared_out - converted_out).abs().max() <= step * 1.001
+    onnx_path = qseg.export_onnx(converted, x, tmp_path / "m.onnx")
+    xml = qseg.export_openvino(converted, x, tmp_path / "m.xml")
+    for result in check_parity(converted, x, onnx_path, xml):
+        assert result.ok, result
+    convs = ("Convolution", "Deconvolution", "GroupConvolution")
+    precisions = runtime_precisions(xml, layer_types=convs)
+    transposed = sum(isinstance(m, nn.modules.conv._ConvTransposeNd) for m in model.modules())
+    leaky = any(isinstance(m, nn.LeakyReLU) for m in model.modules())
+    float_convs = [p for p in precisions if p.precision not in ("u8", "i8")]
+    assert len(precisions) == len(qmodel.qseg_report.quantized_layers)
+    assert [p.layer_type for p in float_convs] == ["Deconvolution"] * (transposed if leaky else 0)

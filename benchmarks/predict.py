@@ -1,0 +1,177 @@
+"""Whole-image and whole-volume inference: qseg.predict on the int8 IR against MONAI and float.
+
+Two inputs, one run, one machine:
+
+- 2d: a whole HeLa frame at full resolution (700 x 1100, ``qseg.data.load_hela(downscale=1)``,
+  the last test frame), qseg's ``PaperUNet(16, 32, 64, 64)`` (BatchNorm, ReLU), windows of
+  256 x 256;
+- 3d: the 20 HeLa frames stacked as a 2d+t volume, downscaled 2x (20 x 350 x 550), nnU-Net's
+  ``PlainConvUNet`` 3d (InstanceNorm, LeakyReLU, features 16-32-64-128, ``dynamic-network-
+  architectures``), windows of 16 x 128 x 128.
+
+Each model keeps its random initialisation (throughput does not depend on the weights) and is
+prepared with the ``int8`` recipe, calibrated on 8 training crops, converted and exported; its
+float model is exported as an OpenVINO float IR. Rows, all with overlap 0.25, Gaussian blend,
+4 windows per call:
+
+- (a) MONAI ``sliding_window_inference`` on the float PyTorch model (``sw_batch_size=4``);
+- (b) ``qseg.predict`` on the OpenVINO float IR (f32, throughput hint, async requests);
+- (c) ``qseg.predict`` on qseg's int8 IR (the same);
+- (d) the int8 IR compiled with the latency hint: one infer request in flight at a time.
+
+Each row runs in its own process (spawned), which compiles its model, runs once on the input to
+warm up and then times a second run; peak memory is that process's peak resident set (it
+includes Python, torch and the runtime). The models are untrained, so their masks say nothing:
+that ``qseg.predict`` on an IR computes what MONAI computes on the converted model is tested
+(tests/runtime/test_predict.py), not measured here.
+
+Run (the benchmark venv of accuracy_models.py, which has MONAI and nnU-Net's package):
+``/tmp/bench/bin/python benchmarks/predict.py [--threads 2] [--only 2d|3d]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from machine import cpu_name  # benchmarks/machine.py (scripts run from this folder)
+from torch import nn
+
+import qseg
+from qseg.data import load_hela, tiles
+from qseg.models import PaperUNet
+
+OVERLAP = 0.25
+BATCH = 4
+ROWS = {
+    "a": "MONAI sliding_window_inference, float PyTorch",
+    "b": "qseg.predict, OpenVINO float IR",
+    "c": "qseg.predict, qseg int8 IR",
+    "d": "qseg.predict, int8 IR, one request at a time",
+}
+
+
+def plain_conv_unet_3d() -> nn.Module:
+    from dynamic_network_architectures.architectures.unet import PlainConvUNet
+
+    return PlainConvUNet(
+        1, 4, (16, 32, 64, 128), nn.Conv3d, 3, (1, 2, 2, 2), (2, 2, 2, 2), 1, (2, 2, 2), False,
+        nn.InstanceNorm3d, {"eps": 1e-5, "affine": True}, None, None, nn.LeakyReLU, {"inplace": True},
+    )  # fmt: skip
+
+
+def build(kind: str, folder: Path) -> tuple[np.ndarray, tuple[int, ...]]:
+    """Export the float and int8 models of ``kind`` into ``folder``; the input and window."""
+    torch.manual_seed(0)
+    if kind == "2d":
+        data = load_hela(test_frames=4, downscale=1)
+        image = data.test_images[-1].numpy()  # (1, 700, 1100)
+        crops, _ = tiles(data.train_images, data.train_masks, 256, stride=256)
+        model, roi = PaperUNet(widths=(16, 32, 64, 64)), (256, 256)
+    else:
+        data = load_hela(test_frames=4, downscale=2)
+        volume = torch.cat([data.train_images, data.test_images])[:, 0][None]  # (1, 20, 350, 550)
+        image = volume.numpy()
+        roi = (16, 128, 128)
+        crops = torch.stack(
+            [volume[:, :16, y : y + 128, x : x + 128] for y, x in ((0, 0), (100, 200), (200, 400))]
+        )
+        model = plain_conv_unet_3d()
+    model.eval()
+    example = crops[:1]
+    calibration = [crops[i % len(crops) : i % len(crops) + 1] for i in range(8)]
+    qmodel = qseg.prepare(model, "int8", example_inputs=example)
+    qseg.calibrate(qmodel, calibration, progress=False)
+    converted = qseg.convert(qmodel.eval())
+    qseg.export_openvino(converted, example, folder / "int8.xml")
+    qseg.export_openvino(model, example, folder / "float.xml")  # the float model, as qseg exports it
+    torch.save(model, folder / "float.pt")
+    return image, roi
+
+
+def run_row(row: str, folder: str, image: np.ndarray, roi: tuple[int, ...], threads: int, queue) -> None:
+    """One row in a fresh process: (seconds of the timed run, peak RSS in MB)."""
+    torch.set_num_threads(threads)
+    folder = Path(folder)
+    if row == "a":
+        from monai.inferers import sliding_window_inference
+
+        model = torch.load(folder / "float.pt", weights_only=False).eval()
+        x = torch.from_numpy(image)[None]
+
+        def infer() -> np.ndarray:
+            with torch.inference_mode():
+                out = sliding_window_inference(x, roi, BATCH, model, overlap=OVERLAP, mode="gaussian")
+            return out[0].numpy()
+    else:
+        from qseg.exporters import compile_openvino
+
+        xml = folder / ("float.xml" if row == "b" else "int8.xml")
+        hint = "LATENCY" if row == "d" else "THROUGHPUT"
+        compiled = compile_openvino(
+            xml, threads=threads, config={"PERFORMANCE_HINT": hint}, shapes=[(BATCH, image.shape[0], *roi)]
+        )
+
+        def infer() -> np.ndarray:
+            return qseg.predict(compiled, image, roi, overlap=OVERLAP, batch_size=BATCH)
+
+    infer()
+    start = time.perf_counter()
+    infer()
+    seconds = time.perf_counter() - start
+    queue.put((seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))  # kB on Linux
+
+
+def measure(row: str, folder: Path, image: np.ndarray, roi, threads: int):
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(target=run_row, args=(row, str(folder), image, roi, threads, queue))
+    process.start()
+    result = queue.get()
+    process.join()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--only", choices=("2d", "3d"), default=None)
+    args = parser.parse_args()
+    print(f"# CPU: {cpu_name()}; {os.cpu_count()} logical CPUs, {args.threads} threads")
+    print(f"# torch {torch.__version__}, qseg {qseg.__version__}; overlap {OVERLAP}, gaussian, batch {BATCH}")
+    for kind in ("2d", "3d"):
+        if args.only and kind != args.only:
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp)
+            image, roi = build(kind, folder)
+            voxels = int(np.prod(image.shape[1:]))
+            print()
+            print(
+                f"## {kind}: input {'x'.join(map(str, image.shape[1:]))}, windows {'x'.join(map(str, roi))}"
+            )
+            print()
+            print("| row | Mvoxel/s | vs (a) | vs (b) | peak RSS MB |")
+            print("|---|---|---|---|---|")
+            results = {row: measure(row, folder, image, roi, args.threads) for row in ROWS}
+            for row, (seconds, peak) in results.items():
+                print(
+                    f"| ({row}) {ROWS[row]} | {voxels / seconds / 1e6:.2f} | {results['a'][0] / seconds:.2f}x | "
+                    f"{results['b'][0] / seconds:.2f}x | {peak:.0f} |",
+                    flush=True,
+                )
+            async_gain = results["d"][0] / results["c"][0]
+            print(f"\nasync (c) vs one request at a time (d): {async_gain:.2f}x")
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    main()
