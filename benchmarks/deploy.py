@@ -1,6 +1,6 @@
-"""Deployment latency and size of paper A's U-Net: qseg's QDQ exports against float and NNCF.
+"""Deployment latency and size of paper A's U-Net and nnU-Net's 3d U-Net: qseg against float and NNCF.
 
-One model (``PaperUNet``, 4.84M parameters, seeded), one input (1x1xSxS, S=256 by
+U-Net part (``paper_unet_section``): one model (``PaperUNet``, 4.84M parameters, seeded), one input (1x1xSxS, S=256 by
 default), the same number of threads everywhere (2 by default). The variants:
 
 1. PyTorch eager, float (``torch.set_num_threads``, ``torch.inference_mode``);
@@ -65,7 +65,31 @@ wheel and the project's onnx / openvino versions)::
     python3 -m venv /tmp/bench
     /tmp/bench/bin/pip install torch==2.13.0 nncf==3.4.0 onnx onnxruntime openvino -e "/work/main[onnx,openvino]"
 
-Run: ``/tmp/bench/bin/python benchmarks/deploy.py [--runs 50] [--warmup 5] [--threads 2] [--size 256] [--out DIR]``.
+nnU-Net 3d section (``nnunet3d_section``): nnU-Net's 3d full-resolution ``PlainConvUNet``
+from ``dynamic_network_architectures`` (``pip install --no-deps dynamic-network-architectures==0.4.4``)
+as its planner sizes it for a 64x128x128 patch: 6 stages of 32-64-128-256-320-320
+features, 2 convs per stage, strides 1, 2, 2, 2, 2, (1, 2, 2), InstanceNorm3d (affine) +
+LeakyReLU, conv bias, 1 input channel, 3 classes, no deep supervision, seeded with
+nnU-Net's He initialization (23 convs, 5 transposed convs, 30.8M parameters). One
+1x1x64x128x128 N(0, 1) volume, the same threads; three OpenVINO IRs, all compiled
+``exact=True``: the FP32 IR (as above), qseg's ``int8`` recipe (``qseg.prepare``,
+``qseg.calibrate`` on 4 random volumes, ``qseg.convert``, ``qseg.export_openvino``) and
+NNCF's int8 IR (``nncf.quantize`` defaults on the FP32 IR, the same 4 volumes). Timed by
+the same interleaving (``--runs3d`` rounds after ``--warmup3d``; one float inference
+takes seconds on 2 cores); the table's kernel column counts Convolution and
+Deconvolution (transposed conv) precisions. Then ``check_parity`` of qseg's IR against
+the converted model and, for scale, the share of voxels each IR gives the float
+PyTorch model's class. The section takes about 8 minutes on a 2-core AVX2 machine,
+most of it in calibration (PyTorch, then NNCF) and the float inferences.
+
+Run (from ``benchmarks/``, which holds ``machine.py``; NNCF needs
+``NNCF_EXTENSION_LOAD_TIMEOUT=0`` where its extensions cannot be built)::
+
+    /tmp/bench/bin/python deploy.py [--runs 50] [--warmup 5] [--threads 2] [--size 256] [--out DIR]
+    /tmp/bench/bin/python deploy.py --only nnunet3d [--runs3d 10] [--warmup3d 1]
+
+``--only unet`` runs the U-Net part alone, ``--only nnunet3d`` the nnU-Net 3d section
+alone; without ``--only`` both run.
 """
 
 from __future__ import annotations
@@ -96,6 +120,8 @@ from qseg.runtime import compile_openvino, cpu_features, onnxruntime_ops, run_on
 SEED = 0
 BN_PASSES = 20
 CALIBRATION_SAMPLES = 16
+NNUNET3D_SHAPE = (1, 1, 64, 128, 128)
+NNUNET3D_CALIBRATION_SAMPLES = 4
 WEIGHT_STD = 0.3
 PAUSE_S = 0.02
 # goals
@@ -163,6 +189,26 @@ def populate_batchnorm(model: nn.Module, size: int, seed: int) -> None:
     model.eval()
 
 
+def nnunet_3d() -> nn.Module:
+    """nnU-Net's 3d full-resolution ``PlainConvUNet`` as its planner sizes it for a
+    64x128x128 patch: 6 stages of 32-64-128-256-320-320 features, 2 convs (3x3x3, bias)
+    per stage in the encoder and decoder, InstanceNorm3d (affine) + LeakyReLU, strides
+    1, 2, 2, 2, 2, (1, 2, 2) (bottleneck 4x4x4), 1 input channel, 3 classes, no deep
+    supervision (as nnU-Net infers); seeded, with nnU-Net's He initialization."""
+    from dynamic_network_architectures.architectures.unet import PlainConvUNet
+
+    torch.manual_seed(SEED)
+    model = PlainConvUNet(
+        input_channels=1, n_stages=6, features_per_stage=(32, 64, 128, 256, 320, 320), conv_op=nn.Conv3d,
+        kernel_sizes=3, strides=(1, 2, 2, 2, 2, (1, 2, 2)), n_conv_per_stage=2, num_classes=3,
+        n_conv_per_stage_decoder=2, conv_bias=True, norm_op=nn.InstanceNorm3d,
+        norm_op_kwargs={"eps": 1e-5, "affine": True}, nonlin=nn.LeakyReLU, nonlin_kwargs={"inplace": True},
+        deep_supervision=False,
+    )  # fmt: skip
+    model.apply(PlainConvUNet.initialize)
+    return model.eval()
+
+
 def recipe(act_bits: int, weight_frac_bits: int, every_layer: bool = False) -> dict:
     """The default recipe with unsigned Q<act_bits>.0 activations and Q0.<frac> weights;
     ``every_layer`` quantizes the first and last layers too (NNCF's policy) and puts the
@@ -216,13 +262,22 @@ def plain_openvino_ir(onnx_path: Path, xml_out: Path) -> Path:
     return xml_out
 
 
-def nncf_int8_ir(fp32_xml: Path, size: int, out: Path) -> Path:
-    """``nncf.quantize`` with its defaults on the FP32 IR, 16 random calibration inputs."""
+def calibration_inputs(shape: tuple[int, ...], samples: int) -> list[np.ndarray]:
+    """``samples`` seeded N(0, 1) inputs of ``shape``: NNCF's calibration data, and qseg's
+    where a section calibrates (the same arrays for both)."""
+    rng = np.random.default_rng(SEED + 3)
+    return [rng.standard_normal(shape, dtype=np.float32) for _ in range(samples)]
+
+
+def nncf_int8_ir(
+    fp32_xml: Path, shape: tuple[int, ...], out: Path, samples: int = CALIBRATION_SAMPLES
+) -> Path:
+    """``nncf.quantize`` with its defaults on the FP32 IR, ``samples`` calibration inputs
+    (:func:`calibration_inputs`); saved as ``out / "nncf-int8.xml"``."""
     import nncf
     import openvino as ov
 
-    rng = np.random.default_rng(SEED + 3)
-    data = [rng.standard_normal((1, 1, size, size), dtype=np.float32) for _ in range(CALIBRATION_SAMPLES)]
+    data = calibration_inputs(shape, samples)
     quantized = nncf.quantize(ov.Core().read_model(str(fp32_xml)), nncf.Dataset(data))
     path = out / "nncf-int8.xml"
     ov.save_model(quantized, str(path), compress_to_fp16=False)
@@ -232,10 +287,19 @@ def nncf_int8_ir(fp32_xml: Path, size: int, out: Path) -> Path:
 # ---------------------------------------------------------------- inspection
 
 
-def ov_kernels(xml: Path, threads: int, exact: bool = True) -> str:
-    """'13 u8 + 2 f32': the runtime precisions of the compiled model's convolutions."""
-    counts = Counter(p.precision for p in runtime_precisions(xml, threads, exact=exact))
-    return " + ".join(f"{n} {precision}" for precision, n in counts.most_common())
+def ov_kernels(
+    xml: Path, threads: int, exact: bool = True, layer_types: tuple[str, ...] = ("Convolution",)
+) -> str:
+    """'13 u8 + 2 f32': the runtime precisions of the compiled model's convolutions; with
+    several ``layer_types``, one count per type ('Convolution 18 u8 + 5 f32; Deconvolution 5 f32')."""
+    precisions = runtime_precisions(xml, threads, layer_types, exact=exact)
+    counts = {t: Counter(p.precision for p in precisions if p.layer_type == t) for t in layer_types}
+    described = {
+        t: " + ".join(f"{n} {precision}" for precision, n in c.most_common()) for t, c in counts.items()
+    }
+    if len(layer_types) == 1:
+        return described[layer_types[0]]
+    return "; ".join(f"{t} {d or 0}" for t, d in described.items())
 
 
 def ort_kernels(onnx_path: Path) -> str:
@@ -297,7 +361,8 @@ def onnx_weight_bytes(path: Path) -> int:
 
 
 def conv_weight_bytes_fp32(model: nn.Module) -> int:
-    return sum(4 * m.weight.numel() for m in model.modules() if isinstance(m, nn.Conv2d))
+    """Bytes of the (not transposed) conv weights in float32, as ``ov_weight_bytes`` counts them."""
+    return sum(4 * m.weight.numel() for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d)))
 
 
 # ---------------------------------------------------------------- runners
@@ -376,6 +441,38 @@ def interleave(variants: list[Variant], runs: int, warmup: int, pause: float) ->
             time.sleep(pause)
 
 
+def ov_variant(
+    name: str,
+    xml: Path,
+    x: np.ndarray,
+    threads: int,
+    exact: bool = True,
+    layer_types: tuple[str, ...] = ("Convolution",),
+) -> Variant:
+    """A row for an OpenVINO IR: its runner, the kernels of ``layer_types``, file size and
+    conv weight bytes."""
+    return Variant(
+        name,
+        "openvino",
+        openvino_runner(xml, x, threads, exact),
+        ov_kernels(xml, threads, exact, layer_types),
+        file_size(xml),
+        ov_weight_bytes(xml),
+    )
+
+
+def ort_variant(name: str, path: Path, x: np.ndarray, threads: int) -> Variant:
+    """A row for an ONNX file in onnxruntime: its runner, conv ops, file size and conv weight bytes."""
+    return Variant(
+        name,
+        "onnxruntime",
+        onnxruntime_runner(path, x, threads),
+        ort_kernels(path),
+        file_size(path),
+        onnx_weight_bytes(path),
+    )
+
+
 # ---------------------------------------------------------------- report
 
 
@@ -385,7 +482,7 @@ def mib(n: int | None) -> str:
 
 def print_table(variants: list[Variant], fp32_weight_bytes: int) -> None:
     ov_ref = next(v for v in variants if v.name.startswith("OpenVINO FP32"))
-    ort_ref = next(v for v in variants if v.name.startswith("onnxruntime FP32"))
+    ort_ref = next((v for v in variants if v.name.startswith("onnxruntime FP32")), None)
     header = (
         "variant",
         "median ms",
@@ -398,7 +495,7 @@ def print_table(variants: list[Variant], fp32_weight_bytes: int) -> None:
     rows = []
     for v in variants:
         speedup = f"{1 / v.ratio(ov_ref):.2f}x"
-        if v.runtime == "onnxruntime":
+        if v.runtime == "onnxruntime" and ort_ref is not None:
             speedup += f" ({1 / v.ratio(ort_ref):.2f}x vs ORT FP32)"
         weights = (
             "-"
@@ -508,32 +605,14 @@ def investigate_int4(int4_xml: Path, int4_onnx: Path, plain_xml: Path, threads: 
 # ---------------------------------------------------------------- main
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=50, help="timed rounds (medians over these)")
-    parser.add_argument("--warmup", type=int, default=5, help="untimed rounds first")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--size", type=int, default=256, help="input height and width (multiple of 8)")
-    parser.add_argument("--out", type=Path, default=None, help="where the files go (default: a temp dir)")
-    args = parser.parse_args()
-    out = args.out or Path(tempfile.mkdtemp(prefix="qseg-deploy-"))
-    out.mkdir(parents=True, exist_ok=True)
-    quiet()
-    torch.set_num_threads(args.threads)
-    PaperUNet.check_input_size(args.size, args.size)
-
-    print(f"# {versions()}")
-    print(
-        f"# CPU: {cpu_name()} ({os.cpu_count()} logical CPUs; OpenVINO bf16: {cpu_features().bf16}), "
-        f"{args.threads} threads"
-    )
+def paper_unet_section(args: argparse.Namespace, out: Path) -> None:
+    """Paper A's U-Net: every variant of the module docstring's list, the table, parity,
+    goals, profiles and the INT4 investigation."""
     print(
         f"# PaperUNet, input 1x1x{args.size}x{args.size}, median of {args.runs} interleaved rounds "
         f"after {args.warmup} warm-up rounds; files in {out}"
     )
     started = time.perf_counter()
-    load_start = os.getloadavg()[0]
-
     x = torch.randn(1, 1, args.size, args.size, generator=torch.Generator().manual_seed(SEED + 4))
     x_np = x.numpy()
     model = trained_looking_unet(args.size)
@@ -552,46 +631,32 @@ def main() -> None:
     unfused_xml = openvino_from_onnx(
         exports["qa6w4"].onnx_path, out / "unet-qa6.0-qw0.4-unfused.xml", fuse_quantizers=False
     )
-    nncf_xml = nncf_int8_ir(float_xml, args.size, out)
+    nncf_xml = nncf_int8_ir(float_xml, (1, 1, args.size, args.size), out)
     print(f"# models built and exported in {time.perf_counter() - started:.0f} s")
 
-    def ov_variant(name: str, xml: Path, exact: bool = True) -> Variant:
-        return Variant(
-            name,
-            "openvino",
-            openvino_runner(xml, x_np, args.threads, exact),
-            ov_kernels(xml, args.threads, exact),
-            file_size(xml),
-            ov_weight_bytes(xml),
-        )
+    def ov(name: str, xml: Path, exact: bool = True) -> Variant:
+        return ov_variant(name, xml, x_np, args.threads, exact)
 
-    def ort_variant(name: str, path: Path) -> Variant:
-        return Variant(
-            name,
-            "onnxruntime",
-            onnxruntime_runner(path, x_np, args.threads),
-            ort_kernels(path),
-            file_size(path),
-            onnx_weight_bytes(path),
-        )
+    def ort(name: str, path: Path) -> Variant:
+        return ort_variant(name, path, x_np, args.threads)
 
     variants = [
         Variant("PyTorch eager FP32", "torch", torch_runner(model, x), weight_bytes=fp32_weight_bytes),
-        ov_variant("OpenVINO FP32 IR", float_xml),
-        ov_variant("  same, exact=False", float_xml, exact=False),
-        ov_variant("qseg IR Qa6.0/Qw0.4 (default)", exports["qa6w4"].xml_path),
-        ov_variant("  same, exact=False", exports["qa6w4"].xml_path, exact=False),
-        ov_variant("  same ONNX, plain conversion (no openvino_form)", unfused_xml),
-        ov_variant("qseg IR Qa8.0/Qw0.7", exports["qa8w7"].xml_path),
-        ov_variant("qseg IR Qa7.0/Qw0.7", exports["qa7w7"].xml_path),
-        ov_variant("qseg IR exact (input grid, first + last int8)", exports["every"].xml_path),
-        ov_variant("  same, exact=False", exports["every"].xml_path, exact=False),
-        ov_variant("qseg IR Qa6.0/Qw0.3 INT4 weights", exports["int4"].xml_path),
-        ov_variant("  same, OpenVINO's plain conversion", plain_int4_xml),
-        ov_variant("NNCF int8 IR (defaults)", nncf_xml),
-        ov_variant("  same, exact=False", nncf_xml, exact=False),
-        ort_variant("onnxruntime FP32", float_onnx),
-        ort_variant("onnxruntime qseg QDQ Qa6.0/Qw0.4", exports["qa6w4"].onnx_path),
+        ov("OpenVINO FP32 IR", float_xml),
+        ov("  same, exact=False", float_xml, exact=False),
+        ov("qseg IR Qa6.0/Qw0.4 (default)", exports["qa6w4"].xml_path),
+        ov("  same, exact=False", exports["qa6w4"].xml_path, exact=False),
+        ov("  same ONNX, plain conversion (no openvino_form)", unfused_xml),
+        ov("qseg IR Qa8.0/Qw0.7", exports["qa8w7"].xml_path),
+        ov("qseg IR Qa7.0/Qw0.7", exports["qa7w7"].xml_path),
+        ov("qseg IR exact (input grid, first + last int8)", exports["every"].xml_path),
+        ov("  same, exact=False", exports["every"].xml_path, exact=False),
+        ov("qseg IR Qa6.0/Qw0.3 INT4 weights", exports["int4"].xml_path),
+        ov("  same, OpenVINO's plain conversion", plain_int4_xml),
+        ov("NNCF int8 IR (defaults)", nncf_xml),
+        ov("  same, exact=False", nncf_xml, exact=False),
+        ort("onnxruntime FP32", float_onnx),
+        ort("onnxruntime qseg QDQ Qa6.0/Qw0.4", exports["qa6w4"].onnx_path),
     ]
     interleave(variants, args.runs, args.warmup, PAUSE_S)
 
@@ -682,6 +747,94 @@ def main() -> None:
         exports["int4"].xml_path, exports["int4"].onnx_path, plain_int4_xml, args.threads
     ):
         print(line)
+
+
+def nnunet3d_section(args: argparse.Namespace, out: Path) -> None:
+    """nnU-Net's 3d PlainConvUNet (:func:`nnunet_3d`) on one 1x1x64x128x128 volume: the
+    OpenVINO FP32 IR, qseg's ``int8`` recipe (prepared, calibrated on the volumes NNCF
+    gets, converted, ``qseg.export_openvino``) and NNCF's int8 IR, interleaved, then the
+    parity of qseg's IR against the converted model."""
+    out = out / "nnunet3d"
+    out.mkdir(parents=True, exist_ok=True)
+    shape = NNUNET3D_SHAPE
+    print()
+    print(
+        f"## nnU-Net 3d PlainConvUNet, input {'x'.join(map(str, shape))}, median of {args.runs3d} "
+        f"interleaved rounds after {args.warmup3d} warm-up rounds; files in {out}"
+    )
+    started = time.perf_counter()
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(SEED + 4))
+    x_np = x.numpy()
+    model = nnunet_3d()
+    fp32_weight_bytes = conv_weight_bytes_fp32(model)
+
+    float_xml = openvino_from_onnx(qseg.export_onnx(model, x, out / "float.onnx"), out / "float.xml")
+    prepared = qseg.prepare(model, "int8", example_inputs=x)
+    data = [torch.from_numpy(a) for a in calibration_inputs(shape, NNUNET3D_CALIBRATION_SAMPLES)]
+    qseg.calibrate(prepared, data, progress=False)
+    converted = qseg.convert(prepared)
+    qseg_xml = qseg.export_openvino(converted, x, out / "qseg-int8.xml")
+    nncf_xml = nncf_int8_ir(float_xml, shape, out, samples=NNUNET3D_CALIBRATION_SAMPLES)
+    print(f"# built, calibrated and exported in {time.perf_counter() - started:.0f} s")
+
+    kinds = ("Convolution", "Deconvolution")
+    variants = [
+        ov_variant("OpenVINO FP32 IR", float_xml, x_np, args.threads, layer_types=kinds),
+        ov_variant("qseg IR int8", qseg_xml, x_np, args.threads, layer_types=kinds),
+        ov_variant("NNCF int8 IR (defaults)", nncf_xml, x_np, args.threads, layer_types=kinds),
+    ]
+    interleave(variants, args.runs3d, args.warmup3d, PAUSE_S)
+    print()
+    print_table(variants, fp32_weight_bytes)
+    print()
+    print("## parity of qseg's IR against the converted PyTorch model (check_parity, OpenVINO exact=True)")
+    print(f"  {'; '.join(str(r) for r in check_parity(converted, x, None, qseg_xml, args.threads))}")
+    with torch.inference_mode():
+        reference = model(x).numpy().argmax(1)
+    agree = {
+        name: (run_openvino(xml, (x,), args.threads)[0].argmax(1) == reference).mean()
+        for name, xml in (("OpenVINO FP32 IR", float_xml), ("qseg IR", qseg_xml), ("NNCF IR", nncf_xml))
+    }
+    print(
+        "  for scale, voxels of the float PyTorch model's class: "
+        + ", ".join(f"{name} {100 * share:.2f}%" for name, share in agree.items())
+    )
+    kinds_warned = Counter(w.split(": ", 1)[-1] for w in converted.qseg_convert.warnings)
+    for message, n in kinds_warned.items():
+        print(f"  qseg.convert warning: {n} layers: {message}")
+    print(f"# nnU-Net 3d section: {time.perf_counter() - started:.0f} s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=50, help="timed rounds (medians over these)")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed rounds first")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--size", type=int, default=256, help="input height and width (multiple of 8)")
+    parser.add_argument("--out", type=Path, default=None, help="where the files go (default: a temp dir)")
+    parser.add_argument(
+        "--only", choices=("unet", "nnunet3d"), default=None, help="run one section (default: both)"
+    )
+    parser.add_argument("--runs3d", type=int, default=10, help="timed rounds of the nnU-Net 3d section")
+    parser.add_argument("--warmup3d", type=int, default=1, help="untimed rounds first, nnU-Net 3d section")
+    args = parser.parse_args()
+    out = args.out or Path(tempfile.mkdtemp(prefix="qseg-deploy-"))
+    out.mkdir(parents=True, exist_ok=True)
+    quiet()
+    torch.set_num_threads(args.threads)
+    PaperUNet.check_input_size(args.size, args.size)
+
+    print(f"# {versions()}")
+    print(
+        f"# CPU: {cpu_name()} ({os.cpu_count()} logical CPUs; OpenVINO bf16: {cpu_features().bf16}), "
+        f"{args.threads} threads"
+    )
+    sections = {"unet": paper_unet_section, "nnunet3d": nnunet3d_section}
+    started = time.perf_counter()
+    load_start = os.getloadavg()[0]
+    for name, section in sections.items():
+        if args.only in (None, name):
+            section(args, out)
     print(
         f"# total {time.perf_counter() - started:.0f} s; 1-min load average {load_start:.2f} at the start, "
         f"{os.getloadavg()[0]:.2f} at the end (on {os.cpu_count()} CPUs)"
