@@ -13,14 +13,23 @@ The verdict, from strict to loose (every level is "ok"):
   layer float) sums in another order in each runtime; a value on a rounding tie
   of the next quantizer then moves one step, and the move spreads through the
   layers after it. That is why those recipes cannot promise more.
+- **within float rounding**: a share below its tolerance, but missing no more than
+  :data:`FLOAT_NOISE_FACTOR` times what the model itself misses when PyTorch runs it
+  in float64 instead of float32 (the *float floor*). Calibrated grids have
+  non-power-of-two scales, so every requantization and every float layer between
+  quantizers (InstanceNorm, GroupNorm) rounds; in a model that spreads one-step moves
+  far (random weights often do), one ulp of another summation order moves many
+  outputs, and no float32 runtime can do better than float32 arithmetic allows. A
+  real difference (another computation) shows as misses well beyond that floor.
 
 Anything else is a MISMATCH.
 """
 
 from __future__ import annotations
 
+import copy
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +42,7 @@ from qseg.runtime.onnxruntime import run_onnxruntime
 from qseg.runtime.openvino import run_openvino
 
 __all__ = [
+    "FLOAT_NOISE_FACTOR",
     "SAME_CLASS_TOLERANCE",
     "WITHIN_STEP_TOLERANCE",
     "ParityResult",
@@ -46,6 +56,10 @@ WITHIN_STEP_TOLERANCE = 0.99
 #: The least share of pixels with the same class (argmax over channels; the sign of
 #: a single-channel logit) for a pass.
 SAME_CLASS_TOLERANCE = 0.999
+#: How many times the model's own float32-vs-float64 misses a runtime may miss: the
+#: runtime and the float64 run are each another rounding of the same float32 model, and
+#: a runtime reorders more than one kind of op (sums, reductions, fused scales).
+FLOAT_NOISE_FACTOR = 2.0
 
 
 @dataclass(frozen=True)
@@ -56,7 +70,9 @@ class ParityResult:
     ``step`` the model's activation step (:func:`parity_step`),
     ``within_step`` the share of output values within one step, and
     ``same_class`` the share of pixels given the same class (argmax over the
-    channel axis; for one channel, the sign of the logit).
+    channel axis; for one channel, the sign of the logit). ``floor_within_step`` and
+    ``floor_same_class`` are the same shares for the model run in float64 against
+    float32 (the float floor), when :func:`check_parity` measured them.
 
     Example:
         >>> print(ParityResult("onnxruntime", max_abs_diff=0.0, step=0.5))
@@ -73,6 +89,8 @@ class ParityResult:
     step: float
     within_step: float = 1.0
     same_class: float = 1.0
+    floor_within_step: float | None = None
+    floor_same_class: float | None = None
 
     @property
     def exact(self) -> bool:
@@ -81,9 +99,9 @@ class ParityResult:
 
     @property
     def ok(self) -> bool:
-        """Whether parity holds: every output within one step, or the shares
-        within the tolerances :data:`WITHIN_STEP_TOLERANCE` and
-        :data:`SAME_CLASS_TOLERANCE`.
+        """Whether parity holds: every output within one step, or each share within
+        its tolerance (:data:`WITHIN_STEP_TOLERANCE`, :data:`SAME_CLASS_TOLERANCE`) or
+        within float rounding (:attr:`rounding_explained`).
 
         Example:
             >>> ParityResult("openvino", max_abs_diff=0.25, step=0.5).ok
@@ -91,7 +109,29 @@ class ParityResult:
         """
         if self.max_abs_diff <= self.step:
             return True
-        return self.within_step >= WITHIN_STEP_TOLERANCE and self.same_class >= SAME_CLASS_TOLERANCE
+        within = self.within_step >= WITHIN_STEP_TOLERANCE or _within_floor(
+            self.within_step, self.floor_within_step
+        )
+        same = self.same_class >= SAME_CLASS_TOLERANCE or _within_floor(
+            self.same_class, self.floor_same_class
+        )
+        return within and same
+
+    @property
+    def rounding_explained(self) -> bool:
+        """Whether parity holds only because a share misses no more than
+        :data:`FLOAT_NOISE_FACTOR` times the float floor does.
+
+        Example:
+            >>> r = ParityResult("onnxruntime", 3.0, 1.0, within_step=0.70, same_class=0.99,
+            ...                  floor_within_step=0.69, floor_same_class=0.985)
+            >>> r.ok, r.rounding_explained
+            (True, True)
+        """
+        within_tolerance = (
+            self.within_step >= WITHIN_STEP_TOLERANCE and self.same_class >= SAME_CLASS_TOLERANCE
+        )
+        return self.ok and self.max_abs_diff > self.step and not within_tolerance
 
     def __str__(self) -> str:
         if self.exact:
@@ -105,10 +145,21 @@ class ParityResult:
             f"{self.within_step:.2%} of outputs within one step (tolerance {WITHIN_STEP_TOLERANCE:.0%}), "
             f"{self.same_class:.2%} of pixels the same class (tolerance {SAME_CLASS_TOLERANCE:.1%})"
         )
-        verdict = "ok" if self.ok else "MISMATCH"
+        verdict = "MISMATCH" if not self.ok else "ok (float rounding)" if self.rounding_explained else "ok"
+        floor = ""
+        if self.floor_within_step is not None:
+            floor = (
+                f"; the model itself in float64: {self.floor_within_step:.2%} within one step, "
+                f"{self.floor_same_class:.2%} the same class"
+            )
         return (
-            f"{self.runtime}: {verdict}: {shares}; max |diff| {self.max_abs_diff:.3g}, step {self.step:.3g}"
+            f"{self.runtime}: {verdict}: {shares}; max |diff| {self.max_abs_diff:.3g}, "
+            f"step {self.step:.3g}{floor}"
         )
+
+
+def _within_floor(share: float, floor: float | None) -> bool:
+    return floor is not None and 1.0 - share <= FLOAT_NOISE_FACTOR * (1.0 - floor)
 
 
 def _flat(outputs: object) -> list[np.ndarray]:
@@ -208,4 +259,42 @@ def check_parity(
     if ir_path is not None:
         got = run_openvino(Path(ir_path), inputs, threads, exact=exact)
         results.append(compare("openvino" if exact else "openvino (exact=False)", expected, got, step))
-    return results
+    if all(r.ok for r in results):
+        return results
+    floor = float_floor(model, inputs, expected, step)
+    return [
+        replace(r, floor_within_step=floor.within_step, floor_same_class=floor.same_class) for r in results
+    ]
+
+
+def float_floor(
+    model: nn.Module, inputs: tuple, expected: list[np.ndarray] | None = None, step: float | None = None
+) -> ParityResult:
+    """The converted ``model`` run by PyTorch in float64 against its float32 run: how far
+    float rounding alone moves this model's outputs on ``inputs`` (the *float floor* of
+    :class:`ParityResult`). Its integer layers compute the same codes in both; its float
+    layers and requantizations round less in float64.
+
+    Example:
+        >>> import torch, qseg
+        >>> from torch import nn
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.InstanceNorm2d(4), nn.LeakyReLU(), nn.Conv2d(4, 1, 1))
+        >>> x = torch.randn(1, 1, 16, 16)
+        >>> q = qseg.prepare(model, "int8", example_inputs=x)
+        >>> _ = qseg.calibrate(q, [x], progress=False)
+        >>> float_floor(qseg.convert(q), (x,)).within_step
+        1.0
+    """
+    model = model.eval()
+    step = parity_step(model) if step is None else step
+    if expected is None:
+        with torch.no_grad():
+            expected = _flat(model(*inputs))
+    wide = copy.deepcopy(model).double()
+    wide_inputs = tuple(
+        t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in inputs
+    )
+    with torch.no_grad():
+        got = _flat(wide(*wide_inputs))
+    return compare("float64", expected, got, step)

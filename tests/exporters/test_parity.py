@@ -137,3 +137,52 @@ def test_parity_verdict_reads_what_holds_against_which_tolerance():
     sign_flip = single.copy()
     sign_flip[single > 0] = -sign_flip[single > 0]
     assert compare("rt", [single], [sign_flip], step=10.0).same_class == float((single <= 0).mean())
+
+
+def test_the_float_floor_excuses_what_float64_moves_too_and_no_more():
+    from qseg.exporters.parity import FLOAT_NOISE_FACTOR, ParityResult
+
+    # a runtime 30% off where the model itself moves 20% between float32 and float64: rounding
+    chaotic = ParityResult("rt", 3.0, 1.0, within_step=0.70, same_class=0.99)
+    assert not chaotic.ok
+    floored = ParityResult("rt", 3.0, 1.0, 0.70, 0.99, floor_within_step=0.80, floor_same_class=0.995)
+    assert floored.ok and floored.rounding_explained
+    assert str(floored).startswith("rt: ok (float rounding): 70.00% of outputs within one step")
+    assert "the model itself in float64: 80.00% within one step, 99.50% the same class" in str(floored)
+    # the same misses where float64 moves nothing: another computation
+    exact_model = ParityResult("rt", 3.0, 1.0, 0.70, 0.99, floor_within_step=1.0, floor_same_class=1.0)
+    assert not exact_model.ok and not exact_model.rounding_explained
+    # the factor is the bound: just inside it passes, just beyond it fails
+    miss = 0.1
+    inside = ParityResult("rt", 3.0, 1.0, 1 - FLOAT_NOISE_FACTOR * miss + 1e-9, 1.0, 1 - miss, 1.0)
+    beyond = ParityResult("rt", 3.0, 1.0, 1 - FLOAT_NOISE_FACTOR * miss - 1e-6, 1.0, 1 - miss, 1.0)
+    assert inside.ok and not beyond.ok
+    # within the tolerances the floor plays no part
+    plain = ParityResult("rt", 3.0, 1.0, 0.995, 0.9995, floor_within_step=1.0, floor_same_class=1.0)
+    assert plain.ok and not plain.rounding_explained
+
+
+def _in_lrelu_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.InstanceNorm2d(8, affine=True),
+        nn.LeakyReLU(0.01),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.InstanceNorm2d(8, affine=True),
+        nn.LeakyReLU(0.01),
+        nn.Conv2d(8, 2, 1),
+    )
+
+
+def test_float_floor_of_a_calibrated_model_is_measured_in_float64():
+    from qseg.exporters.parity import float_floor
+
+    x = torch.randn(1, 1, 24, 24, generator=torch.Generator().manual_seed(1))
+    q = qseg.prepare(_in_lrelu_net(), "int8", example_inputs=x)
+    qseg.calibrate(q, [x], progress=False)
+    converted = qseg.convert(q)
+    floor = float_floor(converted, (x,))
+    assert floor.runtime == "float64" and floor.ok
+    # the float64 run really is another computation: its outputs are not the float32 ones
+    assert 0 < floor.max_abs_diff < floor.step

@@ -2,7 +2,7 @@
 of the zoo (``SAMPLE``; ``benchmarks/zoo_deploy.py`` takes every model the whole way): ``prepare``,
 ``qseg.calibrate``, for ``w4a8`` a training step that moves its learned scales, and
 ``convert``, whose model computes what the calibrated prepared model computes; ``int8``
-then exports to QDQ ONNX, which onnxruntime runs with parity.
+then exports to QDQ ONNX, which onnxruntime runs with parity (within float rounding).
 
 Models whose converted model does not hold yet are marked ``xfail(strict=True)`` with what
 was measured: they are the known limits, and one that starts to pass fails the run until its
@@ -42,20 +42,22 @@ KNOWN: dict[str, str] = {
     "monai.AttentionUnet2d-int8": "converted vs prepared: 99.41% within one step",
     "smp.Unet[resnet34]-int8": "converted vs prepared: 99.54% within one step",
 }
-# ONNX export and onnxruntime parity on the models of SAMPLE that pass it today; the others,
-# measured by benchmarks/zoo_deploy.py: AttentionUnet2d, DynUNet2d, BasicUNet2d, UNet3d,
-# smp.Unet[resnet34] lose parity (96.9%, 69.7%, 99.7% with 99.4% same class, 94.0%, 99.8% with
-# 99.8% same class within one step) and smp.DeepLabV3Plus[efficientnet-b0] fails torch.export.
-# Traced 2026-11-30: DynUNet2d and smp.Unet lose it to float rounding, not to a different
-# computation: a value within an ulp of a rounding tie of a calibrated grid is rounded the
-# other way by the runtime's float order (an InstanceNorm's reduction), and the one-step move
-# spreads through the layers after it; DynUNet2d computed by PyTorch itself with its
-# InstanceNorms in float64 is as far from its float32 run (69.1% within one step, 98.4% same
-# class) as onnxruntime is. AttentionUnet2d has a real difference on top: onnxruntime rounds a
-# QDQ Conv's float bias to int32 codes (input scale x weight scale) to fuse a QLinearConv, up to
-# half a code off the model's bias (adding the bias after the Conv instead: 99.6% / 99.90%, but
-# those convs then run in float); the fix is a bias on that grid in the prepared model itself.
-EXPORTED = ("qseg.PaperUNet", "qseg.TwoHeadFCN", "monai.UNet2d", "monai.SegResNet2d", "smp.FPN[mobilenet_v2]")
+# ONNX export and onnxruntime parity on every model of SAMPLE but smp.DeepLabV3Plus[efficientnet-b0]
+# (torch.export fails on it). DynUNet2d, UNet3d and smp.Unet lose parity to float rounding alone:
+# a value within an ulp of a rounding tie of a calibrated grid is rounded the other way by the
+# runtime's float order (an InstanceNorm's reduction), and the one-step move spreads through the
+# layers after it; the model computed by PyTorch in float64 moves as far (DynUNet2d: 69.1% within
+# one step), which the verdict's float floor accounts for (qseg.exporters.parity).
+# "model" -> what was measured where onnxruntime computes something else (strict xfail), 2026-11-30:
+# onnxruntime rounds a QDQ Conv's float bias to int32 codes (input scale x weight scale) to fuse a
+# QLinearConv, up to half a code off the model's bias. Rounding the bias in convert made both pass
+# (every output within 4e-7) but moved the converted model off the prepared one (MONAI UNet 2d
+# 89% within one step): the rounding has to happen in the prepared model's layers.
+EXPORT_KNOWN = {
+    "monai.AttentionUnet2d": "onnxruntime: 96.88% within one step against a float floor of 99.78%",
+    "monai.BasicUNet2d": "onnxruntime: 99.68% within one step, 99.39% same class against a float floor of 100%",
+}
+EXPORTED = tuple(name for name in SAMPLE if name != "smp.DeepLabV3Plus[efficientnet-b0]")
 
 
 def _calibration(x: torch.Tensor) -> list[torch.Tensor]:
@@ -93,9 +95,11 @@ def test_recipe_calibrates_and_converts(name, recipe, zoo_packages, request):
 
 
 @pytest.mark.parametrize("name", EXPORTED)
-def test_int8_exports_to_onnx_with_parity(name, zoo_packages, tmp_path):
+def test_int8_exports_to_onnx_with_parity(name, zoo_packages, tmp_path, request):
     entry = ENTRIES[name]
     zoo_packages(entry)
+    if name in EXPORT_KNOWN:
+        request.applymarker(pytest.mark.xfail(reason=EXPORT_KNOWN[name], strict=True))
     torch.manual_seed(0)
     model, x = entry.factory(), entry.example()
     qmodel = qseg.prepare(model, "int8", example_inputs=x)
