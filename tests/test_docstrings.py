@@ -28,8 +28,18 @@ import qseg
 EXAMPLE = re.compile(r"^\s*Examples?:\s*$(?P<body>(?:\n(?:\s*\n)*\s+.*)+)", re.MULTILINE)
 
 
-# capture, policy, module swap, graph passes and the custom ops: users call prepare and convert
-INTERNAL = ("qseg.graph", "qseg.policy", "qseg.swap", "qseg.passes", "qseg.ops")
+# capture, policy, module swap, graph passes, the custom ops and convert's plan and appliers:
+# users call prepare and convert
+INTERNAL = (
+    "qseg.graph",
+    "qseg.policy",
+    "qseg.swap",
+    "qseg.passes",
+    "qseg.ops",
+    "qseg.convert.plan",
+    "qseg.convert.apply_fx",
+    "qseg.convert.apply_swap",
+)
 
 
 def public_modules() -> list[str]:

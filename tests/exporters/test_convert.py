@@ -247,3 +247,40 @@ def test_fallback_batchnorm_shared_by_two_convs_is_not_folded():
         assert (c(other) - q(other)).abs().max() <= 1.0
         exact_biases(q)
         assert torch.equal(qseg.convert(q, example_inputs=other)(other), q(other))
+
+
+def test_fx_and_fallback_conversions_of_one_model_take_the_same_decisions():
+    class ForcedFallback(nn.Module):
+        """FX loses the isinstance branch (False on a proxy): prepare takes the fallback."""
+
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.inner(x)
+            return y if torch.jit.isinstance(x, torch.Tensor) else -y
+
+    torch.manual_seed(0)
+    model = PaperUNet(widths=(4, 8, 8, 8)).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(2, 1, 16, 16)
+    recipe = "unet-qa6.0-qw0.4-exact"  # an input grid too: every conv integer
+    via_fx = qseg.convert(qseg.prepare(model, recipe, example_inputs=x))
+    q = qseg.prepare(ForcedFallback(model), recipe, example_inputs=x)
+    assert "torch.export + module swap" in q.qseg_report.capture
+    via_swap = qseg.convert(q)
+    fx_report, swap_report = via_fx.qseg_convert, via_swap.qseg_convert
+    assert fx_report.integer_layers and fx_report.folded_norms and fx_report.removed_relus
+    for field in ("integer_layers", "float_input_layers", "grid_layers", "folded_norms"):
+        names = [n.removeprefix("inner.") for n in getattr(swap_report, field)]
+        assert names == getattr(fx_report, field), field
+    # FX names a removed ReLU by its node (enc1_relu1), the fallback by its module (inner.enc1.relu1)
+    relus = [n.removeprefix("inner.").replace(".", "_") for n in swap_report.removed_relus]
+    assert relus == fx_report.removed_relus
+    with torch.no_grad():
+        assert torch.equal(via_swap(x), via_fx(x))

@@ -1,0 +1,69 @@
+"""The FX applier: convert a model prepared through ``torch.fx`` by rewriting its graph.
+
+The plan is read from the GraphModule itself; each frozen module replaces its
+submodule (``add_submodule``), and a folded BatchNorm's node and a removed ReLU's
+node leave the graph, their uses moved to their input.
+"""
+
+from __future__ import annotations
+
+import copy
+
+from torch import fx
+
+from qseg import graph as g
+from qseg.convert.frozen import FrozenLayer, freeze_layer
+from qseg.convert.plan import ConversionPlan, ModelGraph, plan_conversion
+from qseg.convert.report import ConvertReport
+from qseg.nn import ActQuant
+
+__all__ = ["apply_fx", "convert_fx", "read_fx"]
+
+
+def read_fx(gm: fx.GraphModule) -> ModelGraph:
+    """``gm`` as the plan reads it: an activation quantizer is a node of its own."""
+
+    def act_quant(node: fx.Node) -> ActQuant | None:
+        module = g.module_of(gm, node)
+        return module if isinstance(module, ActQuant) else None
+
+    quantizers: dict[str, ActQuant] = {}
+    for node in gm.graph.nodes:
+        if (quantizer := act_quant(node)) is not None:
+            quantizers.setdefault(str(node.target), quantizer)
+    return ModelGraph(gm, lambda node: g.module_of(gm, node), list(quantizers.items()), act_quant)
+
+
+def apply_fx(gm: fx.GraphModule, plan: ConversionPlan) -> ConvertReport:
+    """Carry out ``plan`` on ``gm`` in place; returns what was done."""
+    report = ConvertReport()
+    for name, frozen in plan.activations.items():
+        gm.add_submodule(name, frozen)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for d in plan.layers:
+        module = gm.get_submodule(d.layer.module)
+        bn = gm.get_submodule(d.norm.module) if d.norm is not None else None
+        frozen = freeze_layer(d.layer.module, module, bn, d.in_grid, report)
+        gm.add_submodule(d.layer.module, frozen)
+        # a layer kept on float weights (a non-uniform grid) keeps its BatchNorm
+        if d.norm is not None and isinstance(frozen, FrozenLayer):
+            bn_node = nodes[d.norm.node]
+            bn_node.replace_all_uses_with(nodes[d.layer.node])
+            gm.graph.erase_node(bn_node)
+            report.folded_norms.append(d.norm.module)
+    for relu in plan.relus:
+        node = nodes[relu.node]
+        node.replace_all_uses_with(node.args[0])
+        gm.graph.erase_node(node)
+        report.removed_relus.append(node.name)
+    gm.graph.lint()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    return report
+
+
+def convert_fx(qmodel: fx.GraphModule) -> fx.GraphModule:
+    """The converted copy of the FX-prepared ``qmodel``, its report attached."""
+    gm = copy.deepcopy(qmodel).eval()
+    gm.qseg_convert = apply_fx(gm, plan_conversion(read_fx(gm)))
+    return gm

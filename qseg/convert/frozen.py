@@ -1,0 +1,317 @@
+"""The frozen modules a converted model computes with, and how a prepared module freezes.
+
+:class:`FrozenActQuant` replaces an activation quantizer with a uniform grid;
+:class:`FrozenLayer` a quantized conv / transposed conv / linear layer, with its
+BatchNorm folded in and, where its input lies on a power-of-two grid, as an integer
+conv. :func:`freeze_act` and :func:`freeze_layer` build them; both conversion paths
+(``qseg/convert/apply_fx.py``, ``qseg/convert/apply_swap.py``) call them.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import qseg.ops  # noqa: F401  (registers torch.ops.qseg.*)
+from qseg.convert.report import ConvertReport
+from qseg.errors import ExportError
+from qseg.nn import QUANTIZED, ActQuant
+
+__all__ = ["FrozenActQuant", "FrozenLayer"]
+
+# products of an activation code and a weight code are summed in int16 pairs by
+# AVX2 kernels without VNNI (vpmaddubsw): keep 2 * max|a| * max|w| within int16
+INT16_PAIR_LIMIT = 32767
+# float32 represents every integer below 2^24: the integer accumulator stays exact
+EXACT_ACCUMULATOR = 2**24
+
+# a uniform grid relative to 0: (scale, lowest code, highest code)
+Grid = tuple[float, int, int]
+
+
+class FrozenActQuant(nn.Module):
+    """An activation quantizer frozen to its grid: codes ``[qmin, qmax]`` around an
+    integer ``zero_point`` (0 but for asymmetric ``int`` grids), step ``scale``.
+
+    It computes ``(clamp(round(x / scale) + zero_point, qmin, qmax) - zero_point) * scale``,
+    rounding half to even (``qseg::fake_quant``, which the ONNX exporter writes as
+    QuantizeLinear -> Clip -> DequantizeLinear). :func:`convert` puts one in place of
+    every activation quantizer with a uniform grid. :attr:`grid` is the grid relative
+    to 0: ``(scale, qmin - zero_point, qmax - zero_point)``.
+
+    Example:
+        >>> import torch
+        >>> quant = FrozenActQuant(scale=0.5, qmin=0, qmax=3)  # unsigned 2-bit grid, step 0.5
+        >>> quant(torch.tensor([-1.0, 0.2, 0.8, 1.25, 9.0]))  # 1.25 is a tie: rounds to even
+        tensor([0.0000, 0.0000, 1.0000, 1.0000, 1.5000])
+    """
+
+    def __init__(self, scale: float, qmin: int, qmax: int, zero_point: int = 0) -> None:
+        super().__init__()
+        self.scale, self.qmin, self.qmax = float(scale), int(qmin), int(qmax)
+        self.zero_point = int(zero_point)
+
+    @property
+    def grid(self) -> tuple[float, int, int]:
+        """``(scale, lowest, highest)`` integer multiple of the scale the output takes.
+
+        Example:
+            >>> FrozenActQuant(scale=0.1, qmin=0, qmax=255, zero_point=30).grid
+            (0.1, -30, 225)
+        """
+        return self.scale, self.qmin - self.zero_point, self.qmax - self.zero_point
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.qseg.fake_quant(x, self.scale, self.qmin, self.qmax, self.zero_point)
+
+    def extra_repr(self) -> str:
+        zero = f", zero_point={self.zero_point}" if self.zero_point else ""
+        return f"scale={self.scale}, qmin={self.qmin}, qmax={self.qmax}{zero}"
+
+
+def _narrowest_int(lo: int, hi: int) -> torch.dtype:
+    for dtype in (torch.int8, torch.int16, torch.int32):
+        info = torch.iinfo(dtype)
+        if info.min <= lo and hi <= info.max:
+            return dtype
+    raise ExportError(f"integer codes in [{lo}, {hi}] do not fit in 32 bits")
+
+
+class FrozenLayer(nn.Module):
+    """A quantized conv / transposed conv / linear layer frozen for inference.
+
+    ``codes`` are the integer weight codes (stored in the narrowest integer
+    type), ``w_scale`` one float32 scale per output channel. With ``in_scale``
+    set, the layer is an integer conv of an on-grid input with int32
+    ``bias_codes``; otherwise it dequantizes its weights and runs in float.
+    :func:`convert` builds one for each quantized layer with a uniform weight grid.
+
+    Example:
+        >>> import torch, qseg
+        >>> from torch import nn
+        >>> _ = torch.manual_seed(0)
+        >>> def block(i, o):
+        ...     return [nn.Conv2d(i, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU()]
+        >>> model = nn.Sequential(*block(1, 4), *block(4, 4), nn.Conv2d(4, 1, 1))
+        >>> x = torch.rand(1, 1, 8, 8)
+        >>> converted = qseg.convert(qseg.prepare(model, "unet-qa6.0-qw0.4", example_inputs=x))
+        >>> layer = converted.get_submodule("3")  # the middle conv; the first and last stay float
+        >>> layer
+        FrozenLayer(conv, codes torch.int8 (4, 4, 3, 3), integer, input scale 1.0)
+        >>> layer.integer, layer.bias_codes.dtype
+        (True, torch.int32)
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        codes: torch.Tensor,
+        w_scale: torch.Tensor,
+        bias: torch.Tensor,
+        params: dict,
+        in_grid: tuple[float, int, int] | None = None,
+    ) -> None:
+        super().__init__()
+        self.kind = kind  # conv | conv_transpose | linear
+        self.params = params
+        self.axis = 1 if kind == "conv_transpose" else 0
+        self.register_buffer("codes", codes.to(_narrowest_int(int(codes.min()), int(codes.max()))))
+        self.register_buffer("w_scale", w_scale.to(torch.float32).contiguous())
+        self.in_grid = in_grid
+        if in_grid is not None:
+            in_scale = in_grid[0]
+            bias_scale = in_scale * self.w_scale
+            self.register_buffer(
+                "bias_codes", torch.round(bias.double() / bias_scale.double()).to(torch.int32)
+            )
+        else:
+            self.register_buffer("bias", bias.to(torch.float32))
+
+    @property
+    def integer(self) -> bool:
+        """Whether the layer runs as an integer conv (its input on a known grid)."""
+        return self.in_grid is not None
+
+    def weight(self) -> torch.Tensor:
+        """The dequantized weights, ``codes * w_scale`` per output channel (BatchNorm folded in).
+
+        Example:
+            >>> import torch
+            >>> conv = {"stride": [1, 1], "padding": [0, 0], "dilation": [1, 1], "groups": 1}
+            >>> codes = torch.tensor([[[[3, -2]]], [[[1, 0]]]])  # 2 output channels, 1x2 kernels
+            >>> layer = FrozenLayer("conv", codes, torch.tensor([0.5, 0.25]), torch.zeros(2), conv)
+            >>> layer.weight().flatten(1)
+            tensor([[ 1.5000, -1.0000],
+                    [ 0.2500,  0.0000]])
+        """
+        return torch.ops.qseg.dequantize(self.codes, self.w_scale, self.axis)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.params
+        if self.in_grid is not None:
+            return torch.ops.qseg.qconv(
+                x,
+                self.codes,
+                self.w_scale,
+                self.bias_codes,
+                self.in_grid[0],
+                self.in_grid[1],
+                self.in_grid[2],
+                p["stride"],
+                p["padding"],
+                p["dilation"],
+                p["groups"],
+            )
+        w = self.weight()
+        if self.kind == "linear":
+            return F.linear(x, w, self.bias)
+        dims = self.codes.dim() - 2
+        if self.kind == "conv":
+            conv = (F.conv1d, F.conv2d, F.conv3d)[dims - 1]
+            return conv(x, w, self.bias, p["stride"], p["padding"], p["dilation"], p["groups"])
+        conv_t = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[dims - 1]
+        return conv_t(
+            x, w, self.bias, p["stride"], p["padding"], p["output_padding"], p["groups"], p["dilation"]
+        )
+
+    def extra_repr(self) -> str:
+        mode = f"integer, input scale {self.in_grid[0]}" if self.in_grid else "float input"
+        return f"{self.kind}, codes {self.codes.dtype} {tuple(self.codes.shape)}, {mode}"
+
+
+def freeze_act(module: ActQuant, name: str) -> FrozenActQuant | None:
+    """The frozen form of the activation quantizer ``module`` (named ``name`` in errors),
+    or ``None`` where no ``clamp(round(x / s) + z)`` reproduces it.
+
+    Raises:
+        ExportError: the quantizer has no range yet (neither calibrated nor trained).
+    """
+    q = module.quantizer
+    if not q.range_set:
+        raise ExportError(
+            f"activation quantizer {name} has no range yet: run qseg.calibrate(qmodel, data) "
+            "(or train the model) before convert"
+        )
+    # clamp(round(x / s) + z) reproduces the quantizer exactly, or None (wrap mode, binary sign)
+    spec = q.frozen_spec()
+    if spec is None:
+        return None
+    return FrozenActQuant(float(spec.scale), spec.qmin, spec.qmax, spec.zero_point)
+
+
+def _is_power_of_two(x: float) -> bool:
+    mantissa, _ = math.frexp(x)
+    return x > 0 and mantissa == 0.5
+
+
+def layer_kind(module: nn.Module) -> str:
+    """``"conv"``, ``"conv_transpose"`` or ``"linear"``: what :class:`FrozenLayer` computes."""
+    if isinstance(module, nn.Linear):
+        return "linear"
+    return "conv_transpose" if isinstance(module, nn.modules.conv._ConvTransposeNd) else "conv"
+
+
+def _params(module: nn.Module) -> dict:
+    if isinstance(module, nn.Linear):
+        return {}
+    if module.padding_mode != "zeros" or isinstance(module.padding, str):
+        raise ExportError(
+            f"{type(module).__name__} with padding={module.padding!r}, padding_mode={module.padding_mode!r}: "
+            "convert supports numeric zero padding"
+        )
+    return {
+        "stride": list(module.stride),
+        "padding": list(module.padding),
+        "dilation": list(module.dilation),
+        "groups": module.groups,
+        "output_padding": list(getattr(module, "output_padding", ())),
+    }
+
+
+def _warn_int8_kernel_limits(
+    name: str, in_grid: tuple[float, int, int], codes: torch.Tensor, report: ConvertReport
+) -> None:
+    """Warn where int8 kernels on CPUs without VNNI do not compute what the QDQ file says.
+
+    ``in_grid`` is relative to 0: ``(scale, lo, hi)``. A symmetric grid (``lo == -hi``)
+    is stored as signed int8; any other grid as uint8 codes ``0 .. hi - lo`` (a zero point
+    where ``lo < 0``).
+    """
+    _, lo, hi = in_grid
+    signed = lo < 0 and lo == -hi
+    max_code = max(abs(lo), abs(hi)) if signed or lo >= 0 else hi - lo
+    if max_code > 255:
+        return  # not an 8-bit grid: no int8 kernel
+    max_w = int(codes.abs().max())
+    if 2 * max_code * max_w > INT16_PAIR_LIMIT:
+        report.warnings.append(
+            f"{name}: 2 x {max_code} x {max_w} exceeds 32767; AVX2 int8 kernels without VNNI may "
+            "saturate (use 7-bit weights, or 7-bit activations, on such CPUs)"
+        )
+    if signed and bool((codes.remainder(2) != 0).any()):
+        report.warnings.append(
+            f"{name}: reads a signed int8 grid; on CPUs without VNNI, OpenVINO's int8 kernels halve "
+            "the weight codes of such a conv (oneDNN's guard against int16 overflow), so its odd "
+            "codes lose their last bit there and parity is lost; an unsigned grid (an input range "
+            "starting at 0) is exact on every CPU"
+        )
+
+
+def freeze_layer(
+    name: str,
+    module: nn.Module,
+    bn: nn.Module | None,
+    in_grid: tuple[float, int, int] | None,
+    report: ConvertReport,
+) -> nn.Module:
+    """The frozen form of the quantized layer ``module`` (BatchNorm ``bn`` folded in,
+    an integer conv when ``in_grid`` is set), recorded in ``report``."""
+    weight = module.weight.detach()
+    q = module.weight_quant(weight)
+    if not torch.isfinite(q).all() or (module.bias is not None and not torch.isfinite(module.bias).all()):
+        raise ExportError(f"layer {name}: its weights or bias hold non-finite values; it cannot be exported")
+    spec = module.weight_quant.spec(weight)
+    if spec is None:
+        plain = copy.deepcopy(module)
+        plain.__class__ = next(c for c in QUANTIZED if QUANTIZED[c] is type(module))
+        del plain.weight_quant
+        plain.weight = nn.Parameter(q.clone(), requires_grad=False)
+        report.grid_layers.append(name)
+        return plain
+    kind = layer_kind(module)
+    out_axis = 1 if kind == "conv_transpose" else 0
+    out_channels = weight.shape[out_axis]
+    codes = spec.codes(q)
+    if spec.axis is None:
+        w_scale = spec.scale.to(torch.float64).expand(out_channels).clone()
+    elif spec.axis == out_axis:
+        w_scale = spec.scale.to(torch.float64)
+    else:
+        raise ExportError(
+            f"layer {name}: per-channel scales along axis {spec.axis} are not the output channels"
+        )
+    bias = module.bias.detach().double() if module.bias is not None else torch.zeros(out_channels).double()
+    if bn is not None:
+        k = bn.weight.detach().double() if bn.affine else torch.ones(out_channels).double()
+        k = k / torch.sqrt(bn.running_var.double() + bn.eps)
+        shift = bn.bias.detach().double() if bn.affine else torch.zeros(out_channels).double()
+        w_scale = w_scale * k
+        bias = (bias - bn.running_mean.double()) * k + shift
+    if in_grid is not None:
+        # the runtimes run int8 kernels for any 8-bit input grid, integer conv here or not
+        _warn_int8_kernel_limits(name, in_grid, codes, report)
+    if in_grid is not None and (kind != "conv" or not _is_power_of_two(in_grid[0])):
+        in_grid = None
+    frozen = FrozenLayer(kind, codes, w_scale.float(), bias.float(), _params(module), in_grid)
+    if in_grid is None:
+        report.float_input_layers.append(name)
+        return frozen
+    report.integer_layers.append(name)
+    max_act = max(abs(in_grid[1]), abs(in_grid[2]))
+    if max_act * int(codes.abs().max()) * codes[0].numel() >= EXACT_ACCUMULATOR:
+        report.warnings.append(f"{name}: the accumulator may exceed 2^24; float32 parity is not exact")
+    return frozen
