@@ -8,6 +8,7 @@ node leave the graph, their uses moved to their input.
 from __future__ import annotations
 
 import copy
+from collections import Counter
 
 from torch import fx
 
@@ -31,7 +32,10 @@ def read_fx(gm: fx.GraphModule) -> ModelGraph:
     for node in gm.graph.nodes:
         if (quantizer := act_quant(node)) is not None:
             quantizers.setdefault(str(node.target), quantizer)
-    return ModelGraph(gm, lambda node: g.module_of(gm, node), list(quantizers.items()), act_quant)
+    calls = Counter(str(n.target) for n in gm.graph.nodes if n.op == "call_module")
+    return ModelGraph(
+        gm, lambda node: g.module_of(gm, node), list(quantizers.items()), act_quant, calls, per_call=True
+    )
 
 
 def apply_fx(gm: fx.GraphModule, plan: ConversionPlan) -> ConvertReport:

@@ -95,7 +95,7 @@ def read_swap(model: nn.Module, inputs: tuple) -> ModelGraph:
         return called._modules.get("act_quant") if called is not None else None
 
     calls = Counter(str(n.target) for n in graph.graph.nodes if n.op == "call_module")
-    return ModelGraph(graph, module_of, quantizers, output_quantizer, calls)
+    return ModelGraph(graph, module_of, quantizers, output_quantizer, calls, per_call=False)
 
 
 def apply_swap(model: nn.Module, plan: ConversionPlan) -> ConvertReport:

@@ -34,16 +34,19 @@ class ModelGraph:
     a module call). ``quantizers`` lists every activation quantizer to freeze,
     by name, in the order they freeze (the first without a range names the error).
     ``output_quantizer`` gives the quantizer that a node's output passes through.
-    ``calls`` counts the calls of each module where the applier changes modules,
-    which changes every call at once; it is ``None`` where the applier rewrites
-    each call on its own (FX).
+    ``calls`` counts the calls of each module. A frozen layer replaces its module,
+    so a quantized layer called more than once freezes with a float input and no
+    fold, on both paths. ``per_call`` says whether the applier removes a BatchNorm
+    or ReLU call by call (FX erases nodes) or module by module (a module swap
+    changes every call at once, so those must be called once too).
     """
 
     graph: fx.GraphModule
     module_of: Callable[[fx.Node], nn.Module | None]
     quantizers: list[tuple[str, ActQuant]]
     output_quantizer: Callable[[fx.Node], nn.Module | None]
-    calls: Counter[str] | None = None
+    calls: Counter[str]
+    per_call: bool
 
 
 @dataclass(frozen=True)
@@ -86,8 +89,12 @@ def _call(node: fx.Node) -> Call:
 
 
 def _called_once(model: ModelGraph, node: fx.Node) -> bool:
+    return node.op == "call_module" and model.calls[str(node.target)] == 1
+
+
+def _removable_once(model: ModelGraph, node: fx.Node) -> bool:
     # a module swap changes every call of the module: each one must agree with the decision
-    return model.calls is None or model.calls[str(node.target)] == 1
+    return model.per_call or _called_once(model, node)
 
 
 def _fold_target(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
@@ -125,7 +132,7 @@ def _decide_layer(
     norm = _fold_target(model.graph, node) if once and layer_kind(module) != "linear" else None
     # a BatchNorm called elsewhere too, or a layer whose output is quantized before its
     # BatchNorm, keeps the BatchNorm apart
-    if norm is not None and (not _called_once(model, norm) or "act_quant" in module._modules):
+    if norm is not None and (not _removable_once(model, norm) or "act_quant" in module._modules):
         norm = None
     # the layer's own input quantizer (the fallback's conv_input placement) sets its input grid
     own = module._modules.get("input_quant")
@@ -141,7 +148,7 @@ def _removable_relu(model: ModelGraph, node: fx.Node, grids: dict[str, Grid]) ->
     """A ReLU whose input lies on a grid starting at 0 is the identity there."""
     if not g.is_relu(model.graph, node) or not node.args or not isinstance(node.args[0], fx.Node):
         return False
-    if model.calls is not None and (node.op != "call_module" or not _called_once(model, node)):
+    if not _removable_once(model, node):
         return False  # a module swap removes modules, each for all of its calls
     module = model.module_of(node)
     if module is not None and "act_quant" in module._modules:

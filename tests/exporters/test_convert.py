@@ -9,6 +9,7 @@ from torch import nn
 import qseg
 from qseg.convert import FrozenActQuant, FrozenLayer
 from qseg.exporters import check_parity, openvino_from_onnx, runtime_precisions
+from qseg.exporters.parity import parity_step
 from qseg.models import PaperUNet
 
 QA6_QW4 = qseg.recipes.load("unet-qa6.0-qw0.4").to_dict()
@@ -247,6 +248,32 @@ def test_fallback_batchnorm_shared_by_two_convs_is_not_folded():
         assert (c(other) - q(other)).abs().max() <= 1.0
         exact_biases(q)
         assert torch.equal(qseg.convert(q, example_inputs=other)(other), q(other))
+
+
+def test_fx_conv_called_twice_folds_neither_batchnorm():
+    # a frozen layer replaces the module for every call: folding the first call's BatchNorm
+    # into it would apply that BatchNorm at the second call too (found in the plan refactor)
+    class SharedConv(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c1, self.b1, self.r1 = nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()
+            self.c2 = nn.Conv2d(8, 8, 3, padding=1)
+            self.b2, self.r2 = nn.BatchNorm2d(8), nn.ReLU()
+            self.b3, self.r3 = nn.BatchNorm2d(8), nn.ReLU()
+            self.head = nn.Conv2d(8, 1, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.r2(self.b2(self.c2(self.r1(self.b1(self.c1(x))))))
+            return self.head(self.r3(self.b3(self.c2(y))))  # c2 again, another BatchNorm
+
+    q = trained(SharedConv(), size=16)
+    assert isinstance(q, torch.fx.GraphModule)
+    c = qseg.convert(q)
+    assert "c2" not in c.qseg_convert.integer_layers and "c2" in c.qseg_convert.float_input_layers
+    assert "b2" not in c.qseg_convert.folded_norms and "b3" not in c.qseg_convert.folded_norms
+    other = torch.randn(2, 1, 24, 24)
+    with torch.no_grad():
+        assert (c(other) - q(other)).abs().max() <= parity_step(c) * 1.001
 
 
 def test_fx_and_fallback_conversions_of_one_model_take_the_same_decisions():
