@@ -36,10 +36,24 @@ from zoo.catalog import available, first_tensor, zoo  # noqa: E402
 
 import qseg  # noqa: E402
 from qseg.calibrate import calibrated_quantizers  # noqa: E402
-from qseg.exporters.parity import check_parity  # noqa: E402
+from qseg.exporters.parity import ParityResult, check_parity  # noqa: E402
 from qseg.runtime import runtime_precisions  # noqa: E402
 
 CONVS = ("Convolution", "GroupConvolution", "Deconvolution", "GroupDeconvolution")
+
+
+def verdict(result: ParityResult) -> str:
+    """A table cell: the verdict, and where a share decided it, both shares (and the
+    float floor, where it was measured)."""
+    if result.exact:
+        return "bit-exact"
+    if result.max_abs_diff <= result.step:
+        return "within one step"
+    word = "MISMATCH" if not result.ok else "float rounding" if result.rounding_explained else "ok"
+    cell = f"{word}: {result.within_step:.2%} in one step, {result.same_class:.2%} same class"
+    if result.floor_within_step is not None:
+        cell += f" (float64: {result.floor_within_step:.2%}, {result.floor_same_class:.2%})"
+    return cell
 
 
 def deploy(entry, recipe: str, folder: Path) -> str:
@@ -59,7 +73,7 @@ def deploy(entry, recipe: str, folder: Path) -> str:
     precisions = runtime_precisions(ir_path, layer_types=CONVS)
     int8 = sum(p.precision in ("u8", "i8") for p in precisions)
     path = "FX" if isinstance(qmodel, torch.fx.GraphModule) else "fallback"
-    verdicts = " | ".join(str(r).split(":", 1)[1].split(" (")[0].strip() for r in results)
+    verdicts = " | ".join(verdict(r) for r in results)
     return f"{path} | {len(qmodel.qseg_report.quantized_layers)} | {int8}/{len(precisions)} | {drift:.3g} | {verdicts}"
 
 
