@@ -13,7 +13,10 @@ reproduce:
   ``s_in * s_w``, computed as an integer runtime computes it;
 - a layer with a non-uniform grid (INQ) keeps float weights that lie exactly on
   the grid, and its BatchNorm stays a separate op;
-- float layers (first/last) are left as they are.
+- float layers (first/last) are left as they are;
+- a quantized layer called more than once (a shared conv) freezes with a float
+  input and no fold: its frozen module serves every call, and the calls may read
+  other grids and feed other BatchNorms.
 
 The decisions are taken once, on a graph of the prepared model, into a
 :class:`~qseg.convert.plan.ConversionPlan` (``plan.py``), and carried out by one of
