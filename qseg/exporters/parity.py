@@ -270,10 +270,10 @@ def check_parity(
 def float_floor(
     model: nn.Module, inputs: tuple, expected: list[np.ndarray] | None = None, step: float | None = None
 ) -> ParityResult:
-    """The converted ``model`` run by PyTorch in float64 against its float32 run: how far
-    float rounding alone moves this model's outputs on ``inputs`` (the *float floor* of
-    :class:`ParityResult`). Its integer layers compute the same codes in both; its float
-    layers and requantizations round less in float64.
+    """``model`` (converted, or prepared) run by PyTorch in float64 against its float32
+    run: how far float rounding alone moves its outputs on ``inputs`` (the *float floor*
+    of :class:`ParityResult`). Integer layers compute the same codes in both; float layers
+    and requantizations round less in float64.
 
     Example:
         >>> import torch, qseg

@@ -17,7 +17,7 @@ from prepare.helpers import one_training_step
 from torch import nn
 
 import qseg
-from qseg.exporters.parity import check_parity, parity_step
+from qseg.exporters.parity import FLOAT_NOISE_FACTOR, check_parity, float_floor, parity_step
 from qseg.runtime import runtime_precisions
 from zoo.catalog import first_tensor, zoo
 
@@ -33,15 +33,15 @@ ENTRIES_ALL = zoo()
 ENTRIES = {name: entry for name, entry in ENTRIES_ALL.items() if name in SAMPLE}
 RECIPES = ("int8", "w4a8")
 # "model-recipe" -> what was measured where the converted model does not compute the prepared
-# one yet (issue 14's converted-equals-prepared contract); 2026-11-29, Zen3
-# Both are the BatchNorm fold's float rounding, not another computation: the first code that
+# one yet (issue 14's converted-equals-prepared contract; strict xfail). None today: the two that
+# missed 99.9% (AttentionUnet2d int8 99.41%, smp.Unet[resnet34] int8 99.54% within one step) lose
+# it to the BatchNorm fold's float rounding, not to another computation: the first code that
 # moves sits on a tie in the prepared model (x / s = 79.5 exactly at AttentionUnet's
 # model.1.submodule.0.conv.1 BatchNorm, 82.5 at smp's encoder.bn1) and 1-2 ulps off it in the
-# converted one (79.49999, 82.50004); each move spreads one layer on (2 codes -> 9 -> 15 -> 47)
-KNOWN: dict[str, str] = {
-    "monai.AttentionUnet2d-int8": "converted vs prepared: 99.41% within one step",
-    "smp.Unet[resnet34]-int8": "converted vs prepared: 99.54% within one step",
-}
+# converted one (79.49999, 82.50004), and each move spreads one layer on (2 codes -> 9 -> 15 ->
+# 47). The prepared model itself run in float64 moves as many (99.60%, 99.12%, 2026-11-30), so
+# the contract allows FLOAT_NOISE_FACTOR times the prepared model's own float64 misses.
+KNOWN: dict[str, str] = {}
 # ONNX export and onnxruntime parity on every model of SAMPLE but smp.DeepLabV3Plus[efficientnet-b0]
 # (torch.export fails on it). DynUNet2d, UNet3d and smp.Unet lose parity to float rounding alone:
 # a value within an ulp of a rounding tie of a calibrated grid is rounded the other way by the
@@ -91,7 +91,12 @@ def test_recipe_calibrates_and_converts(name, recipe, zoo_packages, request):
         prepared_out, converted_out = first_tensor(qmodel(x)), first_tensor(converted(x))
     step = parity_step(converted)
     within = ((prepared_out - converted_out).abs() <= step * 1.001).float().mean().item()
-    assert within >= 0.999, f"converted vs prepared: {100 * within:.2f}% within one step {step:.3g}"
+    if within < 0.999:
+        floor = float_floor(qmodel, (x,), step=step)
+        assert 1 - within <= FLOAT_NOISE_FACTOR * (1 - floor.within_step), (
+            f"converted vs prepared: {100 * within:.2f}% within one step {step:.3g}, the prepared "
+            f"model in float64 {100 * floor.within_step:.2f}%"
+        )
 
 
 @pytest.mark.parametrize("name", EXPORTED)
