@@ -65,6 +65,15 @@ def _calibration(x: torch.Tensor) -> list[torch.Tensor]:
     return [torch.randn(x.shape, generator=gen) for _ in range(2)]
 
 
+def _calibrated(entry, recipe: str) -> tuple[nn.Module, nn.Module, torch.Tensor, qseg.CalibrationReport]:
+    """The seeded model, prepared with ``recipe`` and calibrated; its example input and the report."""
+    torch.manual_seed(0)
+    model, x = entry.factory(), entry.example()
+    qmodel = qseg.prepare(model, recipe, example_inputs=x)
+    report = qseg.calibrate(qmodel, _calibration(x), progress=False)
+    return model, qmodel, x, report
+
+
 @pytest.mark.parametrize("recipe", RECIPES)
 @pytest.mark.parametrize("name", list(ENTRIES))
 def test_recipe_calibrates_and_converts(name, recipe, zoo_packages, request):
@@ -72,10 +81,7 @@ def test_recipe_calibrates_and_converts(name, recipe, zoo_packages, request):
     zoo_packages(entry)
     if f"{name}-{recipe}" in KNOWN:
         request.applymarker(pytest.mark.xfail(reason=KNOWN[f"{name}-{recipe}"], strict=True))
-    torch.manual_seed(0)
-    model, x = entry.factory(), entry.example()
-    qmodel = qseg.prepare(model, recipe, example_inputs=x)
-    report = qseg.calibrate(qmodel, _calibration(x), progress=False)
+    _, qmodel, x, report = _calibrated(entry, recipe)
     assert report.ranges, "no activation range set"
     if recipe == "w4a8":
         scales = {n: p.detach().clone() for n, p in qmodel.named_parameters() if n.endswith("scale")}
@@ -105,10 +111,7 @@ def test_int8_exports_to_onnx_with_parity(name, zoo_packages, tmp_path, request)
     zoo_packages(entry)
     if name in EXPORT_KNOWN:
         request.applymarker(pytest.mark.xfail(reason=EXPORT_KNOWN[name], strict=True))
-    torch.manual_seed(0)
-    model, x = entry.factory(), entry.example()
-    qmodel = qseg.prepare(model, "int8", example_inputs=x)
-    qseg.calibrate(qmodel, _calibration(x), progress=False)
+    _, qmodel, x, _ = _calibrated(entry, "int8")
     converted = qseg.convert(qmodel, example_inputs=x)
     path = qseg.export_onnx(converted, x, tmp_path / "m.onnx")
     (result,) = check_parity(converted, x, onnx_path=path)
@@ -134,10 +137,7 @@ def test_nnunet_runs_int8_in_both_runtimes_with_parity(name, zoo_packages, tmp_p
     zoo_packages(entry)
     if name in NNUNET_KNOWN:
         request.applymarker(pytest.mark.xfail(reason=NNUNET_KNOWN[name], strict=True))
-    torch.manual_seed(0)
-    model, x = entry.factory(), entry.example()
-    qmodel = qseg.prepare(model, "int8", example_inputs=x)
-    qseg.calibrate(qmodel, _calibration(x), progress=False)
+    model, qmodel, x, _ = _calibrated(entry, "int8")
     converted = qseg.convert(qmodel.eval())
     with torch.no_grad():
         prepared_out, converted_out = first_tensor(qmodel(x)), first_tensor(converted(x))
