@@ -35,11 +35,11 @@ from torch import fx, nn
 
 from qseg.convert.apply_fx import convert_fx
 from qseg.convert.apply_swap import convert_swap
-from qseg.convert.frozen import FrozenActQuant, FrozenLayer
+from qseg.convert.frozen import FrozenActQuant, FrozenLayer, FrozenWeight
 from qseg.convert.report import ConvertReport
 from qseg.errors import ExportError
 
-__all__ = ["ConvertReport", "FrozenActQuant", "FrozenLayer", "convert"]
+__all__ = ["ConvertReport", "FrozenActQuant", "FrozenLayer", "FrozenWeight", "convert"]
 
 
 def convert(qmodel: nn.Module, example_inputs: torch.Tensor | tuple | None = None) -> nn.Module:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 from collections import Counter
 
+import torch
 from torch import fx
 
 from qseg import graph as g
@@ -17,6 +18,7 @@ from qseg.convert.frozen import FrozenLayer, freeze_layer
 from qseg.convert.plan import ConversionPlan, ModelGraph, plan_conversion
 from qseg.convert.report import ConvertReport
 from qseg.nn import ActQuant
+from qseg.quantizers import Quantizer
 
 __all__ = ["apply_fx", "convert_fx", "read_fx"]
 
@@ -34,8 +36,24 @@ def read_fx(gm: fx.GraphModule) -> ModelGraph:
             quantizers.setdefault(str(node.target), quantizer)
     calls = Counter(str(n.target) for n in gm.graph.nodes if n.op == "call_module")
     return ModelGraph(
-        gm, lambda node: g.module_of(gm, node), list(quantizers.items()), act_quant, calls, per_call=True
+        gm,
+        lambda node: g.module_of(gm, node),
+        list(quantizers.items()),
+        act_quant,
+        calls,
+        per_call=True,
+        weight_quantizers=_weight_quantizers(gm),
     )
+
+
+def _weight_quantizers(gm: fx.GraphModule) -> list[tuple[str, Quantizer, torch.Tensor]]:
+    """The weight quantizers ``quantize_weights`` put between a parameter and a functional layer."""
+    found = []
+    for node in gm.graph.nodes:
+        module = g.module_of(gm, node)
+        if isinstance(module, Quantizer) and len(node.args) == 1 and node.args[0].op == "get_attr":
+            found.append((str(node.target), module, g.get_attr(gm, node.args[0].target)))
+    return found
 
 
 def apply_fx(gm: fx.GraphModule, plan: ConversionPlan) -> ConvertReport:
@@ -55,6 +73,14 @@ def apply_fx(gm: fx.GraphModule, plan: ConversionPlan) -> ConvertReport:
             bn_node.replace_all_uses_with(nodes[d.layer.node])
             gm.graph.erase_node(bn_node)
             report.folded_norms.append(d.norm.module)
+    for name, weight in plan.weights.items():
+        node = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == name)
+        param = node.args[0]
+        gm.add_submodule(name, weight)
+        node.args = ()
+        if not param.users:
+            gm.graph.erase_node(param)
+        report.frozen_weights.append(name)
     for relu in plan.relus:
         node = nodes[relu.node]
         node.replace_all_uses_with(node.args[0])

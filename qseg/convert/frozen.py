@@ -3,8 +3,10 @@
 :class:`FrozenActQuant` replaces an activation quantizer with a uniform grid;
 :class:`FrozenLayer` a quantized conv / transposed conv / linear layer, with its
 BatchNorm folded in and, where its input lies on a power-of-two grid, as an integer
-conv. :func:`freeze_act` and :func:`freeze_layer` build them; both conversion paths
-(``qseg/convert/apply_fx.py``, ``qseg/convert/apply_swap.py``) call them.
+conv; :class:`FrozenWeight` the weight quantizer of a functional conv (``F.conv2d``
+on a parameter). :func:`freeze_act`, :func:`freeze_layer` and :func:`freeze_weight`
+build them; both conversion paths (``qseg/convert/apply_fx.py``,
+``qseg/convert/apply_swap.py``) call them.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from qseg.convert.report import ConvertReport
 from qseg.errors import ExportError
 from qseg.nn import QUANTIZED, ActQuant
 
-__all__ = ["FrozenActQuant", "FrozenLayer"]
+__all__ = ["FrozenActQuant", "FrozenLayer", "FrozenWeight"]
 
 # products of an activation code and a weight code are summed in int16 pairs by
 # AVX2 kernels without VNNI (vpmaddubsw): keep 2 * max|a| * max|w| within int16
@@ -181,6 +183,69 @@ class FrozenLayer(nn.Module):
     def extra_repr(self) -> str:
         mode = f"integer, input scale {self.in_grid[0]}" if self.in_grid else "float input"
         return f"{self.kind}, codes {self.codes.dtype} {tuple(self.codes.shape)}, {mode}"
+
+
+class FrozenWeight(nn.Module):
+    """The quantized weight of a functional layer, frozen: it takes no input and
+    returns ``codes * scale`` (per slice along ``axis`` when ``scale`` is 1-d).
+
+    A model that calls ``F.conv2d(x, self.weight)`` itself (EfficientNet's same-padding
+    convs, a hand-written layer) has, once prepared through torch.fx, a weight
+    quantizer between the parameter and the call. ``convert`` puts one of these in
+    its place, so the exporters write the weight as integer codes and a
+    DequantizeLinear, which the runtimes fuse with the conv that reads it.
+
+    Example:
+        >>> import torch
+        >>> weight = FrozenWeight(torch.tensor([[3, -2], [1, 0]]), torch.tensor([0.5, 0.25]), axis=0)
+        >>> weight()
+        tensor([[ 1.5000, -1.0000],
+                [ 0.2500,  0.0000]])
+    """
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, axis: int) -> None:
+        super().__init__()
+        self.axis = axis
+        self.register_buffer("codes", codes.to(_narrowest_int(int(codes.min()), int(codes.max()))))
+        self.register_buffer("scale", scale.to(torch.float32).contiguous())
+
+    def forward(self) -> torch.Tensor:
+        return torch.ops.qseg.dequantize(self.codes, self.scale, self.axis)
+
+    def extra_repr(self) -> str:
+        per = "per tensor" if self.scale.dim() == 0 else f"per channel along {self.axis}"
+        return f"codes {self.codes.dtype} {tuple(self.codes.shape)}, {per}"
+
+
+def freeze_weight(name: str, quantizer: nn.Module, weight: torch.Tensor) -> nn.Module:
+    """The frozen form of the functional layer's weight quantizer ``quantizer`` (named
+    ``name`` in errors) applied to ``weight``: a :class:`FrozenWeight` on a uniform
+    grid, else (a non-uniform grid, INQ) a constant holding the quantized weight.
+
+    Raises:
+        ExportError: the quantized weight holds non-finite values.
+    """
+    weight = weight.detach()
+    with torch.no_grad():
+        q = quantizer(weight)
+    if not torch.isfinite(q).all():
+        raise ExportError(f"{name}: the weight it quantizes holds non-finite values; it cannot be exported")
+    spec = quantizer.spec(weight)
+    if spec is None:
+        return _Constant(q)
+    codes = spec.codes(q) - spec.zero_point
+    return FrozenWeight(codes, spec.scale, 0 if spec.axis is None else spec.axis)
+
+
+class _Constant(nn.Module):
+    """A tensor returned as it is: a functional layer's weight on a non-uniform grid."""
+
+    def __init__(self, value: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("value", value.clone())
+
+    def forward(self) -> torch.Tensor:
+        return self.value
 
 
 def freeze_act(module: ActQuant, name: str) -> FrozenActQuant | None:

@@ -15,10 +15,11 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
 from torch import fx, nn
 
 from qseg import graph as g
-from qseg.convert.frozen import FrozenActQuant, Grid, freeze_act, layer_kind
+from qseg.convert.frozen import FrozenActQuant, Grid, freeze_act, freeze_weight, layer_kind
 from qseg.nn import QUANTIZED, ActQuant
 
 __all__ = ["Call", "ConversionPlan", "LayerFreeze", "ModelGraph", "plan_conversion"]
@@ -34,6 +35,8 @@ class ModelGraph:
     a module call). ``quantizers`` lists every activation quantizer to freeze,
     by name, in the order they freeze (the first without a range names the error).
     ``output_quantizer`` gives the quantizer that a node's output passes through.
+    ``weight_quantizers`` lists, by name, the weight quantizers of functional layers
+    (a module of their own, FX path only) with the weight each one reads.
     ``calls`` counts the calls of each module. A frozen layer replaces its module,
     so a quantized layer called more than once freezes with a float input and no
     fold, on both paths. ``per_call`` says whether the applier removes a BatchNorm
@@ -47,6 +50,7 @@ class ModelGraph:
     output_quantizer: Callable[[fx.Node], nn.Module | None]
     calls: Counter[str]
     per_call: bool
+    weight_quantizers: list[tuple[str, nn.Module, torch.Tensor]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -76,12 +80,15 @@ class ConversionPlan:
     ``activations`` maps the name of each activation quantizer that freezes to its
     frozen form (a quantizer whose grid no ``FrozenActQuant`` reproduces is absent
     and stays as it is); ``layers`` holds one decision per quantized layer;
-    ``relus`` the ReLUs removed because their input lies on a grid starting at 0.
+    ``relus`` the ReLUs removed because their input lies on a grid starting at 0;
+    ``weights`` maps the name of each functional layer's weight quantizer to the
+    frozen weight that replaces it.
     """
 
     activations: dict[str, FrozenActQuant] = field(default_factory=dict)
     layers: list[LayerFreeze] = field(default_factory=list)
     relus: list[Call] = field(default_factory=list)
+    weights: dict[str, nn.Module] = field(default_factory=dict)
 
 
 def _call(node: fx.Node) -> Call:
@@ -161,7 +168,8 @@ def plan_conversion(model: ModelGraph) -> ConversionPlan:
     """Every decision for converting ``model`` (the graph is only read).
 
     Raises:
-        ExportError: an activation quantizer has no range yet.
+        ExportError: an activation quantizer has no range yet, or a functional
+            layer's weight is not finite.
     """
     plan = ConversionPlan()
     frozen = _freeze_activations(model, plan)
@@ -177,4 +185,5 @@ def plan_conversion(model: ModelGraph) -> ConversionPlan:
             decided.add(id(module))
             plan.layers.append(_decide_layer(model, node, module, grids, frozen))
     plan.relus = [_call(node) for node in model.graph.graph.nodes if _removable_relu(model, node, grids)]
+    plan.weights = {name: freeze_weight(name, q, w) for name, q, w in model.weight_quantizers}
     return plan

@@ -14,6 +14,7 @@ class ConvertReport:
     The lists name layers: ``integer_layers`` run as integer convs,
     ``float_input_layers`` keep integer weights but read a float input,
     ``grid_layers`` keep float weights on a non-uniform grid (INQ);
+    ``frozen_weights`` are the weight quantizers of functional layers, frozen to codes;
     ``folded_norms`` are the BatchNorms folded into the conv before them,
     ``removed_relus`` the ReLUs dropped after an unsigned quantizer, and
     ``warnings`` flag integer kernels that may saturate or lose exactness.
@@ -31,6 +32,7 @@ class ConvertReport:
         integer convs: 1 (3)
         quantized weights, float input: -
         float weights on a non-uniform grid: -
+        functional layers' weights frozen: -
         BatchNorms folded: 1; ReLUs removed: 2
         >>> report.folded_norms
         ['4']
@@ -39,6 +41,7 @@ class ConvertReport:
     integer_layers: list[str] = field(default_factory=list)
     float_input_layers: list[str] = field(default_factory=list)
     grid_layers: list[str] = field(default_factory=list)
+    frozen_weights: list[str] = field(default_factory=list)
     folded_norms: list[str] = field(default_factory=list)
     removed_relus: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
@@ -48,6 +51,7 @@ class ConvertReport:
             f"integer convs: {len(self.integer_layers)} ({', '.join(self.integer_layers) or '-'})",
             f"quantized weights, float input: {', '.join(self.float_input_layers) or '-'}",
             f"float weights on a non-uniform grid: {', '.join(self.grid_layers) or '-'}",
+            f"functional layers' weights frozen: {', '.join(self.frozen_weights) or '-'}",
             f"BatchNorms folded: {len(self.folded_norms)}; ReLUs removed: {len(self.removed_relus)}",
         ]
         lines += [f"warning: {w}" for w in self.warnings]

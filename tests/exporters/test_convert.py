@@ -7,10 +7,11 @@ import torch
 from torch import nn
 
 import qseg
-from qseg.convert import FrozenActQuant, FrozenLayer
+from qseg.convert import FrozenActQuant, FrozenLayer, FrozenWeight
 from qseg.exporters import check_parity, openvino_from_onnx, runtime_precisions
 from qseg.exporters.parity import parity_step
 from qseg.models import PaperUNet
+from qseg.quantizers import Quantizer
 
 QA6_QW4 = qseg.recipes.load("unet-qa6.0-qw0.4").to_dict()
 
@@ -311,3 +312,45 @@ def test_fx_and_fallback_conversions_of_one_model_take_the_same_decisions():
     assert relus == fx_report.removed_relus
     with torch.no_grad():
         assert torch.equal(via_swap(x), via_fx(x))
+
+
+class FunctionalConvs(nn.Module):
+    """Convs written as ``F.conv2d`` on parameters (as EfficientNet's same-padding convs
+    are traced), between a float first and last layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 3, padding=1)
+        self.w1 = nn.Parameter(torch.randn(8, 8, 3, 3) * 0.2)
+        self.w2 = nn.Parameter(torch.randn(8, 8, 3, 3) * 0.2)
+        self.b2 = nn.Parameter(torch.randn(8) * 0.1)
+        self.head = nn.Conv2d(8, 1, 1)
+
+    def forward(self, x):
+        y = torch.relu(self.stem(x))
+        y = torch.relu(torch.nn.functional.conv2d(y, self.w1, padding=1))
+        y = torch.relu(torch.nn.functional.conv2d(y, self.w2, self.b2, padding=1))
+        return self.head(y)
+
+
+def test_functional_layers_weights_freeze_to_codes_and_run_int8(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(2, 1, 16, 16)
+    q = qseg.prepare(FunctionalConvs(), "int8", example_inputs=x)
+    qseg.calibrate(q, [torch.randn(2, 1, 16, 16) for _ in range(2)], progress=False)
+    c = qseg.convert(q.eval())
+    report = c.qseg_convert
+    assert report.frozen_weights == ["w1_quant", "w2_quant"]
+    assert isinstance(c.w1_quant, FrozenWeight) and c.w1_quant.codes.dtype == torch.int8
+    assert c.w1_quant.scale.shape == (8,)  # int8 weights are per output channel
+    left = [n for n, m in c.named_modules() if isinstance(m, Quantizer)]
+    assert not left, f"weight quantizers left unfrozen: {left}"
+    other = torch.randn(3, 1, 24, 20)
+    with torch.no_grad():
+        torch.testing.assert_close(c(other), q(other), rtol=0, atol=1e-6)
+
+    onnx_path = qseg.export_onnx(c, x, tmp_path / "m.onnx")
+    ir_path = openvino_from_onnx(onnx_path, tmp_path / "m.xml")
+    precisions = [p.precision for p in runtime_precisions(ir_path)]
+    assert precisions == ["u8", "u8", "u8", "u8"], precisions
+    assert all(r.ok for r in check_parity(c, other, onnx_path, ir_path))
