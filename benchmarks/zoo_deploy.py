@@ -52,7 +52,7 @@ def verdict(result: ParityResult) -> str:
     word = "MISMATCH" if not result.ok else "float rounding" if result.rounding_explained else "ok"
     cell = f"{word}: {result.within_step:.2%} in one step, {result.same_class:.2%} same class"
     if result.floor_within_step is not None:
-        cell += f" (float64: {result.floor_within_step:.2%}, {result.floor_same_class:.2%})"
+        cell += f" (float floor: {result.floor_within_step:.2%}, {result.floor_same_class:.2%})"
     return cell
 
 

@@ -22,6 +22,7 @@ from torch import nn
 import qseg.ops  # noqa: F401  (registers torch.ops.qseg.*)
 from qseg import graph as g
 from qseg.errors import ExportError
+from qseg.exporters.onnx_rewrite import bias_after_float_convs, weights_as_float, weights_as_int4
 from qseg.runtime.settings import METADATA_KEY, InferenceSettings, check_settings
 
 __all__ = ["export_onnx"]
@@ -103,58 +104,6 @@ def _dynamic_shapes(inputs: tuple) -> tuple:
     return tuple(
         {d: auto for d in range(t.dim()) if d != 1} if isinstance(t, torch.Tensor) else None for t in inputs
     )
-
-
-def _as_int4(model) -> None:
-    """Store integer weight initializers that feed a DequantizeLinear as INT4."""
-    import onnx
-    from onnx import numpy_helper
-
-    feeding = {n.input[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
-    for init in model.graph.initializer:
-        if init.name not in feeding or init.data_type != onnx.TensorProto.INT8:
-            continue
-        values = numpy_helper.to_array(init)
-        if values.min() < -8 or values.max() > 7:
-            raise ExportError(
-                f"weights {init.name!r} hold codes in [{values.min()}, {values.max()}]; INT4 holds [-8, 7]. "
-                "Use weights='int8' (or a recipe with at most 4 stored bits, e.g. Q0.3)"
-            )
-        packed = onnx.helper.make_tensor(
-            init.name, onnx.TensorProto.INT4, values.shape, values.flatten().tolist()
-        )
-        init.CopyFrom(packed)
-    # the exporter's type annotations of those initializers still say INT8
-    for info in [v for v in model.graph.value_info if v.name in feeding]:
-        model.graph.value_info.remove(info)
-
-
-def _as_float(model) -> None:
-    """Fold DequantizeLinear of integer weight initializers into float initializers."""
-    import onnx
-    from onnx import numpy_helper
-
-    inits = {i.name: i for i in model.graph.initializer}
-    keep = []
-    for node in model.graph.node:
-        if node.op_type == "DequantizeLinear" and node.input[0] in inits and node.input[1] in inits:
-            codes = numpy_helper.to_array(inits[node.input[0]]).astype(np.float32)
-            scale = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
-            axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
-            if scale.ndim == 1:
-                shape = [1] * codes.ndim
-                shape[axis] = -1
-                scale = scale.reshape(shape)
-            model.graph.initializer.append(numpy_helper.from_array(codes * scale, node.output[0]))
-            continue
-        keep.append(node)
-    del model.graph.node[:]
-    model.graph.node.extend(keep)
-    used = {i for n in model.graph.node for i in n.input}
-    kept = [i for i in model.graph.initializer if i.name in used]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(kept)
-    onnx.checker.check_model(model)
 
 
 def export_onnx(
@@ -244,9 +193,11 @@ def export_onnx(
         program.save(str(raw))
         proto = onnx.load(str(raw))
     if weights == "int4":
-        _as_int4(proto)
+        weights_as_int4(proto)
     elif weights == "float":
-        _as_float(proto)
+        weights_as_float(proto)
+    else:
+        bias_after_float_convs(proto)
     if settings is not None:
         onnx.helper.set_model_props(proto, {METADATA_KEY: settings.to_json()})
     try:
