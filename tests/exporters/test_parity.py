@@ -150,7 +150,9 @@ def test_the_float_floor_excuses_what_float64_moves_too_and_no_more():
     floored = ParityResult("rt", 3.0, 1.0, 0.70, 0.99, floor_within_step=0.80, floor_same_class=0.995)
     assert floored.ok and floored.rounding_explained
     assert str(floored).startswith("rt: ok (float rounding): 70.00% of outputs within one step")
-    assert "the model itself, rounded otherwise: 80.00% within one step, 99.50% the same class" in str(floored)
+    assert "the model itself, rounded otherwise: 80.00% within one step, 99.50% the same class" in str(
+        floored
+    )
     # the same misses where float64 moves nothing: another computation
     exact_model = ParityResult("rt", 3.0, 1.0, 0.70, 0.99, floor_within_step=1.0, floor_same_class=1.0)
     assert not exact_model.ok and not exact_model.rounding_explained
