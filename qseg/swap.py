@@ -3,7 +3,8 @@ swapping modules and adding hooks, for models that FX cannot capture faithfully.
 
 Decisions are taken on the module-level graph built from ``torch.export``
 (:func:`qseg.graph.export_module_graph`); here they become changes to a copy of
-the model: quantized layers change class in place (parameter names stay), an
+the model: quantized layers change class in place (parameter names stay), a
+functional layer's weight gets its quantizer as a parametrization, an
 activation quantizer becomes the child ``act_quant`` of the module whose output
 it quantizes, called by a forward hook (or ``input_quant``, called by a forward
 pre-hook, for the ``conv_input`` placement; the recipe's input grid is the model's own
@@ -17,6 +18,7 @@ from dataclasses import replace
 
 import torch
 from torch import fx, nn
+from torch.nn.utils import parametrize
 
 from qseg import graph as g
 from qseg.nn import ActQuant, quantize_module
@@ -54,17 +56,22 @@ def strip_dropout_modules(model: nn.Module) -> list[str]:
 def apply_plan(model: nn.Module, graph_module: fx.GraphModule, plan: Plan) -> Plan:
     """Carry out ``plan`` on ``model`` in place; returns the plan as applied.
 
-    What a module swap cannot express (a quantizer on a functional call's weight
+    A functional layer's weight (``F.conv2d(x, self.weight)`` in a module's own
+    ``forward``) gets its quantizer as a parametrization of the parameter
+    (``torch.nn.utils.parametrize``): every read of the weight returns it quantized,
+    and its state moves to ``<module>.parametrizations.<name>.original``.
+    What a module swap cannot express (a quantizer before a functional call's input
     or after a function's output) is moved from the decisions to the plan's
     ``skipped`` notes, so the report says what was not done.
     """
     applied = Plan([], [], list(plan.skipped), plan.default_activations)
     for d in plan.layers:
         if d.weights is not None and d.layer.functional:
-            applied.skipped.append(
-                f"{d.layer.name}: functional {d.layer.type_name} kept float on the fallback path"
-            )
-            d = replace(d, weights=None, reason="functional call (fallback path)")
+            owner_name, _, attr = d.layer.param.rpartition(".")
+            owner = model.get_submodule(owner_name)
+            # a parameter read by several calls has one weight, quantized once
+            if not parametrize.is_parametrized(owner, attr):
+                parametrize.register_parametrization(owner, attr, d.weights.build(), unsafe=True)
         elif d.weights is not None:
             module = model.get_submodule(d.layer.name)
             # a module called more than once appears once per call; it has one weight
@@ -75,8 +82,12 @@ def apply_plan(model: nn.Module, graph_module: fx.GraphModule, plan: Plan) -> Pl
     quantized = {d.layer.node for d in applied.layers if d.weights is not None}
     for a in plan.activations:
         if a.before:
-            # an input quantizer serves quantized layers; functional ones stayed float above
-            consumers = [c for c in a.before if c in quantized]
+            # an input quantizer serves quantized layers, through a pre-hook of their module
+            consumers = [c for c in a.before if c in quantized and nodes[c].op == "call_module"]
+            for functional in (c for c in a.before if c in quantized and nodes[c].op != "call_module"):
+                applied.skipped.append(
+                    f"{functional}: no input quantizer before a functional layer on the fallback path"
+                )
             for consumer in consumers:
                 module = model.get_submodule(nodes[consumer].target)
                 module.add_module("input_quant", ActQuant(a.config.build(), a.rule))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 from collections import Counter
 
+import torch
 from torch import fx, nn
 
 from qseg import graph as g
@@ -20,6 +21,7 @@ from qseg.convert.plan import ConversionPlan, ModelGraph, plan_conversion
 from qseg.convert.report import ConvertReport
 from qseg.errors import ExportError
 from qseg.nn import QUANTIZED, ActQuant
+from qseg.quantizers import Quantizer
 
 __all__ = ["apply_swap", "convert_swap", "read_swap"]
 
@@ -36,9 +38,15 @@ _HOOK_DICTS = (
 def _float_twin(model: nn.Module) -> nn.Module:
     """A copy of a fallback-prepared model that computes the float model: quantized
     layers back to their torch.nn class, every activation quantizer an identity (its
-    hook stays and returns its input). ``torch.export`` then shows each layer as one call."""
+    hook stays and returns its input), functional layers' weight quantizers identities.
+    ``torch.export`` then shows each layer as one call."""
     twin = copy.deepcopy(model)
     for module in list(twin.modules()):
+        # not remove_parametrizations: it deletes the weight property from the parametrized
+        # class, which the copy shares with the prepared model
+        for chain in getattr(module, "parametrizations", {}).values():
+            if isinstance(chain[0], Quantizer):
+                chain[0] = nn.Identity()
         if type(module) in QUANTIZED.values():
             module.__class__ = next(c for c in QUANTIZED if QUANTIZED[c] is type(module))
             del module.weight_quant
@@ -95,7 +103,27 @@ def read_swap(model: nn.Module, inputs: tuple) -> ModelGraph:
         return called._modules.get("act_quant") if called is not None else None
 
     calls = Counter(str(n.target) for n in graph.graph.nodes if n.op == "call_module")
-    return ModelGraph(graph, module_of, quantizers, output_quantizer, calls, per_call=False)
+    return ModelGraph(
+        graph,
+        module_of,
+        quantizers,
+        output_quantizer,
+        calls,
+        per_call=False,
+        weight_quantizers=_weight_quantizers(model),
+    )
+
+
+def _weight_quantizers(model: nn.Module) -> list[tuple[str, Quantizer, torch.Tensor]]:
+    """The weight quantizers ``qseg/swap.py`` registered as parametrizations of functional
+    layers' weights, with the float weight each one reads."""
+    found = []
+    for prefix, module in model.named_modules():
+        for attr, chain in getattr(module, "parametrizations", {}).items():
+            if isinstance(chain[0], Quantizer):
+                name = f"{prefix}.parametrizations.{attr}.0" if prefix else f"parametrizations.{attr}.0"
+                found.append((name, chain[0], chain.original))
+    return found
 
 
 def apply_swap(model: nn.Module, plan: ConversionPlan) -> ConvertReport:
@@ -113,6 +141,10 @@ def apply_swap(model: nn.Module, plan: ConversionPlan) -> ConvertReport:
         if bn is not None and isinstance(frozen, FrozenLayer):
             _swap(model, bn, nn.Identity())
             report.folded_norms.append(d.norm.module)
+    for name, weight in plan.weights.items():
+        parent, _, child = name.rpartition(".")
+        model.get_submodule(parent).add_module(child, weight)
+        report.frozen_weights.append(name)
     for relu in plan.relus:
         _swap(model, model.get_submodule(relu.module), nn.Identity())
         report.removed_relus.append(relu.module)

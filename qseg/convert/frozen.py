@@ -190,9 +190,10 @@ class FrozenWeight(nn.Module):
     returns ``codes * scale`` (per slice along ``axis`` when ``scale`` is 1-d).
 
     A model that calls ``F.conv2d(x, self.weight)`` itself (EfficientNet's same-padding
-    convs, a hand-written layer) has, once prepared through torch.fx, a weight
-    quantizer between the parameter and the call. ``convert`` puts one of these in
-    its place, so the exporters write the weight as integer codes and a
+    convs, a hand-written layer) has, once prepared, a weight quantizer between the
+    parameter and the call (through torch.fx, a module of its own; on the fallback,
+    a parametrization of the parameter, which passes the float weight and is ignored).
+    ``convert`` puts one of these in its place, so the exporters write the weight as integer codes and a
     DequantizeLinear, which the runtimes fuse with the conv that reads it.
 
     Example:
@@ -209,7 +210,8 @@ class FrozenWeight(nn.Module):
         self.register_buffer("codes", codes.to(_narrowest_int(int(codes.min()), int(codes.max()))))
         self.register_buffer("scale", scale.to(torch.float32).contiguous())
 
-    def forward(self) -> torch.Tensor:
+    def forward(self, *_float_weight: torch.Tensor) -> torch.Tensor:
+        # a parametrization (the fallback path's functional layers) passes the float weight
         return torch.ops.qseg.dequantize(self.codes, self.scale, self.axis)
 
     def extra_repr(self) -> str:
@@ -244,7 +246,7 @@ class _Constant(nn.Module):
         super().__init__()
         self.register_buffer("value", value.clone())
 
-    def forward(self) -> torch.Tensor:
+    def forward(self, *_float_weight: torch.Tensor) -> torch.Tensor:
         return self.value
 
 

@@ -22,7 +22,7 @@ from torch import nn
 import qseg.ops  # noqa: F401  (registers torch.ops.qseg.*)
 from qseg import graph as g
 from qseg.errors import ExportError
-from qseg.exporters.onnx_rewrite import bias_after_float_convs, weights_as_float, weights_as_int4
+from qseg.exporters.onnx_rewrite import weights_as_float, weights_as_int4
 from qseg.runtime.settings import METADATA_KEY, InferenceSettings, check_settings
 
 __all__ = ["export_onnx"]
@@ -196,8 +196,6 @@ def export_onnx(
         weights_as_int4(proto)
     elif weights == "float":
         weights_as_float(proto)
-    else:
-        bias_after_float_convs(proto)
     if settings is not None:
         onnx.helper.set_model_props(proto, {METADATA_KEY: settings.to_json()})
     try:

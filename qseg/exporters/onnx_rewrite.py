@@ -1,81 +1,28 @@
 """Rewrites of an exported ONNX graph, in place, before it is saved.
 
 ``weights_as_int4`` and ``weights_as_float`` change how weights are stored (the
-``weights`` argument of :func:`~qseg.exporters.export_onnx`);
-``bias_after_float_convs`` keeps onnxruntime from rounding a float bias.
+``weights`` argument of :func:`~qseg.exporters.export_onnx`).
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import onnx
-from onnx import numpy_helper
 
 from qseg.errors import ExportError
 
-__all__ = ["bias_after_float_convs", "weights_as_float", "weights_as_int4"]
+if TYPE_CHECKING:
+    import onnx
 
-_BIASED = ("Conv", "ConvTranspose")
-
-
-def bias_after_float_convs(model: onnx.ModelProto) -> int:
-    """Move the float bias of every conv that reads dequantized input and weights,
-    and whose output is not requantized right away, into an ``Add`` after it;
-    returns how many moved.
-
-    Why: onnxruntime quantizes such a bias to int32 codes at ``input scale x weight
-    scale`` (its ``WeightBiasQuantization`` graph transformer), so it adds up to half
-    a code less or more than the model does, and a value near a rounding tie of a
-    later quantizer moves by one step. As an ``Add``, the bias is added in float as in
-    PyTorch. A conv whose output goes straight into a ``QuantizeLinear`` keeps its
-    bias: onnxruntime fuses it into one ``QLinearConv`` (2.6 times faster on a U-Net
-    under ``int8``), and an integer conv adds its bias in the accumulator anyway.
-    OpenVINO reads a conv's bias as an ``Add`` in every case.
-    """
-    producers = {o: n for n in model.graph.node for o in n.output}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-    inits = {i.name: i for i in model.graph.initializer}
-    graph_outputs = {o.name for o in model.graph.output}
-
-    def dequantized(name: str) -> bool:
-        producer = producers.get(name)
-        return producer is not None and producer.op_type == "DequantizeLinear"
-
-    nodes: list[onnx.NodeProto] = []
-    moved = 0
-    for node in model.graph.node:
-        nodes.append(node)
-        if node.op_type not in _BIASED or len(node.input) < 3 or node.input[2] not in inits:
-            continue
-        bias = numpy_helper.to_array(inits[node.input[2]])
-        users = consumers.get(node.output[0], [])
-        requantized = users and all(u.op_type == "QuantizeLinear" for u in users)
-        if not (dequantized(node.input[0]) and dequantized(node.input[1])) or bias.dtype != np.float32:
-            continue
-        if requantized and node.output[0] not in graph_outputs:
-            continue
-        codes = inits.get(producers[node.input[1]].input[0])
-        if codes is None:
-            continue
-        name = f"{node.input[2]}_after_{node.name or node.output[0]}"
-        model.graph.initializer.append(
-            numpy_helper.from_array(bias.reshape(-1, *([1] * (len(codes.dims) - 2))), name)
-        )
-        out = node.output[0]
-        node.output[0] = f"{out}_without_bias"
-        del node.input[2]
-        nodes.append(onnx.helper.make_node("Add", [node.output[0], name], [out], name=f"{node.name}_bias"))
-        moved += 1
-    del model.graph.node[:]
-    model.graph.node.extend(nodes)
-    return moved
+__all__ = ["weights_as_float", "weights_as_int4"]
 
 
 def weights_as_int4(model: onnx.ModelProto) -> None:
     """Store integer weight initializers that feed a DequantizeLinear as INT4."""
+    import onnx
+    from onnx import numpy_helper
+
     feeding = {n.input[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
     for init in model.graph.initializer:
         if init.name not in feeding or init.data_type != onnx.TensorProto.INT8:
@@ -97,6 +44,9 @@ def weights_as_int4(model: onnx.ModelProto) -> None:
 
 def weights_as_float(model: onnx.ModelProto) -> None:
     """Fold DequantizeLinear of integer weight initializers into float initializers."""
+    import onnx
+    from onnx import numpy_helper
+
     inits = {i.name: i for i in model.graph.initializer}
     keep = []
     for node in model.graph.node:

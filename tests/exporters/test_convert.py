@@ -354,3 +354,49 @@ def test_functional_layers_weights_freeze_to_codes_and_run_int8(tmp_path):
     precisions = [p.precision for p in runtime_precisions(ir_path)]
     assert precisions == ["u8", "u8", "u8", "u8"], precisions
     assert all(r.ok for r in check_parity(c, other, onnx_path, ir_path))
+
+
+class SameConv(nn.Conv2d):
+    """A conv whose own forward calls ``F.conv2d`` (as EfficientNet's same-padding convs do)."""
+
+    def forward(self, x):
+        return torch.nn.functional.conv2d(torch.nn.functional.pad(x, (1, 1, 1, 1)), self.weight, self.bias)
+
+
+class FallbackFunctionalConvs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.bn0 = nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.a, self.bn1 = SameConv(8, 8, 3), nn.BatchNorm2d(8)
+        self.b, self.bn2 = SameConv(8, 8, 3), nn.BatchNorm2d(8)
+        self.head = nn.Conv2d(8, 1, 1)
+
+    def forward(self, x):
+        y = torch.relu(self.bn0(self.stem(x)))
+        if y.shape[-1] > 2:  # control flow on a shape: torch.fx cannot trace it, torch.export can
+            y = torch.relu(self.bn1(self.a(y)))
+        y = torch.relu(self.bn2(self.b(y)))
+        return self.head(y)
+
+
+def test_fallback_functional_layers_quantize_through_a_parametrization_and_run_int8(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(2, 1, 16, 16)
+    q = qseg.prepare(FallbackFunctionalConvs(), "int8", example_inputs=x)
+    assert not isinstance(q, torch.fx.GraphModule)  # the fallback path
+    assert isinstance(q.a.parametrizations.weight[0], Quantizer)
+    rows = {r.name: r.weights for r in q.qseg_report.layers}
+    assert rows["a"] == rows["b"] == "int7/ch"
+    qseg.calibrate(q, [torch.randn(2, 1, 16, 16) for _ in range(2)], progress=False)
+    c = qseg.convert(q.eval())
+    assert c.qseg_convert.frozen_weights == ["a.parametrizations.weight.0", "b.parametrizations.weight.0"]
+    assert isinstance(c.a.parametrizations.weight[0], FrozenWeight)
+    other = torch.randn(3, 1, 24, 20)
+    with torch.no_grad():
+        # the prepared model still computes after convert read its graph from a copy
+        torch.testing.assert_close(c(other), q(other), rtol=0, atol=1e-6)
+
+    onnx_path = qseg.export_onnx(c, x, tmp_path / "m.onnx")
+    ir_path = openvino_from_onnx(onnx_path, tmp_path / "m.xml")
+    assert [p.precision for p in runtime_precisions(ir_path)] == ["u8", "u8", "u8", "u8"]
+    assert all(r.ok for r in check_parity(c, other, onnx_path, ir_path))

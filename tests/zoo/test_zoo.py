@@ -126,8 +126,9 @@ def _weight_quantizers(gm: fx.GraphModule, param: str) -> list[nn.Module]:
 
 def check_layers(qmodel: nn.Module) -> None:
     """Each layer is what its report row says: float rows plain torch.nn layers (or, for a
-    functional call in an FX graph, a weight used as it is), quantized rows qseg's layers
-    (or a weight passing through its quantizer)."""
+    functional call, a weight used as it is), quantized rows qseg's layers (or a weight
+    passing through its quantizer: a module in an FX graph, a parametrization on the
+    fallback)."""
     modules = dict(qmodel.named_modules())
     for row in qmodel.qseg_report.layers:
         is_float = row.weights.startswith("float")
@@ -143,7 +144,14 @@ def check_layers(qmodel: nn.Module) -> None:
             for quantizer in quantizers:
                 check_on_grid(param, quantizer, g.get_attr(qmodel, param).detach())
         else:
-            assert is_float, f"{row.name}: a functional layer cannot be quantized on the fallback path"
+            # the fallback quantizes a functional layer's weight through a parametrization
+            owner = modules[row.name]
+            chains = dict(getattr(owner, "parametrizations", {}).items())  # a ModuleDict has no get
+            chain = chains.get("weight")
+            quantizer = chain[0] if chain is not None and isinstance(chain[0], Quantizer) else None
+            assert (quantizer is None) == is_float, f"{row.name} ({row.op}): {row.weights}, {quantizer}"
+            if quantizer is not None:
+                check_on_grid(row.name + ".weight", quantizer, chain.original.detach())
 
 
 def check_fallback_activations(qmodel: nn.Module) -> None:

@@ -50,12 +50,11 @@ KNOWN: dict[str, str] = {}
 # the model moves under other roundings (float64, and each quantizer's input moved by a few ulps:
 # BasicUNet2d 99.63% within one step, onnxruntime 99.68%; qseg.exporters.parity).
 # "model" -> what was measured where onnxruntime computes something else (strict xfail), 2026-11-30:
-# onnxruntime quantizes a QDQ conv's float bias to int32 codes (input scale x weight scale), up to
-# half a code off the model's bias. The ONNX export moves the bias into an Add where the conv runs
-# in float anyway; a conv whose output goes straight into a quantizer keeps it (onnxruntime fuses
-# it into a QLinearConv, 2.6x faster), and there the rounding stays: AttentionUnet2d passes when
-# every bias moves and fails when those convs keep theirs. Rounding the bias in convert alone moved the converted model off
-# the prepared one (MONAI UNet 2d 89% within one step): it has to happen in the prepared layers.
+# onnxruntime rounds the float bias of a conv it fuses into a QLinearConv (output straight into a
+# quantizer) to int32 codes (input scale x weight scale), up to half a code off the model's bias.
+# Writing every bias as an Add made AttentionUnet2d pass but blocks the fusion (2.6x slower);
+# rounding the bias in convert alone moved the converted model off the prepared one (MONAI UNet
+# 2d 89% within one step): it has to happen in the prepared layers (docs/export.md).
 EXPORT_KNOWN = {
     "monai.AttentionUnet2d": "onnxruntime: 96.88% within one step against a float floor of 98.98%",
 }
