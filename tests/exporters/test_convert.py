@@ -314,6 +314,14 @@ def test_fx_and_fallback_conversions_of_one_model_take_the_same_decisions():
         assert torch.equal(via_swap(x), via_fx(x))
 
 
+def kernel_types(onnx_path) -> list[str]:
+    """The element types of the conv kernels (4-d initializers) an ONNX file stores."""
+    import onnx
+
+    inits = onnx.load(str(onnx_path)).graph.initializer
+    return [onnx.TensorProto.DataType.Name(i.data_type) for i in inits if len(i.dims) == 4]
+
+
 class FunctionalConvs(nn.Module):
     """Convs written as ``F.conv2d`` on parameters (as EfficientNet's same-padding convs
     are traced), between a float first and last layer."""
@@ -350,6 +358,7 @@ def test_functional_layers_weights_freeze_to_codes_and_run_int8(tmp_path):
         torch.testing.assert_close(c(other), q(other), rtol=0, atol=1e-6)
 
     onnx_path = qseg.export_onnx(c, x, tmp_path / "m.onnx")
+    assert kernel_types(onnx_path) == ["INT8"] * 4  # the float weights stay out of the file
     ir_path = openvino_from_onnx(onnx_path, tmp_path / "m.xml")
     precisions = [p.precision for p in runtime_precisions(ir_path)]
     assert precisions == ["u8", "u8", "u8", "u8"], precisions
@@ -397,6 +406,7 @@ def test_fallback_functional_layers_quantize_through_a_parametrization_and_run_i
         torch.testing.assert_close(c(other), q(other), rtol=0, atol=1e-6)
 
     onnx_path = qseg.export_onnx(c, x, tmp_path / "m.onnx")
+    assert kernel_types(onnx_path) == ["INT8"] * 4  # the float weights stay out of the file
     ir_path = openvino_from_onnx(onnx_path, tmp_path / "m.xml")
     assert [p.precision for p in runtime_precisions(ir_path)] == ["u8", "u8", "u8", "u8"]
     assert all(r.ok for r in check_parity(c, other, onnx_path, ir_path))

@@ -53,8 +53,9 @@ KNOWN: dict[str, str] = {}
 # onnxruntime rounds the float bias of a conv it fuses into a QLinearConv (output straight into a
 # quantizer) to int32 codes (input scale x weight scale), up to half a code off the model's bias.
 # Writing every bias as an Add made AttentionUnet2d pass but blocks the fusion (2.6x slower);
-# rounding the bias in convert alone moved the converted model off the prepared one (MONAI UNet
-# 2d 89% within one step): it has to happen in the prepared layers (docs/export.md).
+# rounding those biases in convert alone made onnxruntime pass and moved the converted model off
+# the prepared one by as much (96.95% within one step): it has to happen in the prepared layers
+# (docs/export.md).
 EXPORT_KNOWN = {
     "monai.AttentionUnet2d": "onnxruntime: 96.88% within one step against a float floor of 98.98%",
 }
