@@ -314,12 +314,21 @@ def test_fx_and_fallback_conversions_of_one_model_take_the_same_decisions():
         assert torch.equal(via_swap(x), via_fx(x))
 
 
-def kernel_types(onnx_path) -> list[str]:
-    """The element types of the conv kernels (4-d initializers) an ONNX file stores."""
+def equals_prepared_and_runs_int8(c: nn.Module, q: nn.Module, x: torch.Tensor, tmp_path) -> None:
+    """``c`` (converted from ``q``) computes what ``q`` does on another input, and its files
+    store int8 kernels only and run every one of its four convs u8 in OpenVINO, at parity."""
     import onnx
 
-    inits = onnx.load(str(onnx_path)).graph.initializer
-    return [onnx.TensorProto.DataType.Name(i.data_type) for i in inits if len(i.dims) == 4]
+    other = torch.randn(3, 1, 24, 20)
+    with torch.no_grad():
+        torch.testing.assert_close(c(other), q(other), rtol=0, atol=1e-6)
+    onnx_path = qseg.export_onnx(c, x, tmp_path / "m.onnx")
+    kernels = [i for i in onnx.load(str(onnx_path)).graph.initializer if len(i.dims) == 4]
+    # the float weights stay out of the file
+    assert [onnx.TensorProto.DataType.Name(i.data_type) for i in kernels] == ["INT8"] * 4
+    ir_path = openvino_from_onnx(onnx_path, tmp_path / "m.xml")
+    assert [p.precision for p in runtime_precisions(ir_path)] == ["u8", "u8", "u8", "u8"]
+    assert all(r.ok for r in check_parity(c, other, onnx_path, ir_path))
 
 
 class FunctionalConvs(nn.Module):
@@ -353,16 +362,7 @@ def test_functional_layers_weights_freeze_to_codes_and_run_int8(tmp_path):
     assert c.w1_quant.scale.shape == (8,)  # int8 weights are per output channel
     left = [n for n, m in c.named_modules() if isinstance(m, Quantizer)]
     assert not left, f"weight quantizers left unfrozen: {left}"
-    other = torch.randn(3, 1, 24, 20)
-    with torch.no_grad():
-        torch.testing.assert_close(c(other), q(other), rtol=0, atol=1e-6)
-
-    onnx_path = qseg.export_onnx(c, x, tmp_path / "m.onnx")
-    assert kernel_types(onnx_path) == ["INT8"] * 4  # the float weights stay out of the file
-    ir_path = openvino_from_onnx(onnx_path, tmp_path / "m.xml")
-    precisions = [p.precision for p in runtime_precisions(ir_path)]
-    assert precisions == ["u8", "u8", "u8", "u8"], precisions
-    assert all(r.ok for r in check_parity(c, other, onnx_path, ir_path))
+    equals_prepared_and_runs_int8(c, q, x, tmp_path)
 
 
 class SameConv(nn.Conv2d):
@@ -400,13 +400,5 @@ def test_fallback_functional_layers_quantize_through_a_parametrization_and_run_i
     c = qseg.convert(q.eval())
     assert c.qseg_convert.frozen_weights == ["a.parametrizations.weight.0", "b.parametrizations.weight.0"]
     assert isinstance(c.a.parametrizations.weight[0], FrozenWeight)
-    other = torch.randn(3, 1, 24, 20)
-    with torch.no_grad():
-        # the prepared model still computes after convert read its graph from a copy
-        torch.testing.assert_close(c(other), q(other), rtol=0, atol=1e-6)
-
-    onnx_path = qseg.export_onnx(c, x, tmp_path / "m.onnx")
-    assert kernel_types(onnx_path) == ["INT8"] * 4  # the float weights stay out of the file
-    ir_path = openvino_from_onnx(onnx_path, tmp_path / "m.xml")
-    assert [p.precision for p in runtime_precisions(ir_path)] == ["u8", "u8", "u8", "u8"]
-    assert all(r.ok for r in check_parity(c, other, onnx_path, ir_path))
+    # (the prepared model still computes after convert read its graph from a copy)
+    equals_prepared_and_runs_int8(c, q, x, tmp_path)
