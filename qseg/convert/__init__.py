@@ -14,6 +14,8 @@ reproduce:
 - a layer with a non-uniform grid (INQ) keeps float weights that lie exactly on
   the grid, and its BatchNorm stays a separate op;
 - float layers (first/last) are left as they are;
+- a functional layer's weight quantizer (``F.conv2d(x, self.weight)`` in a model's
+  own ``forward``) becomes a :class:`FrozenWeight` holding the integer codes;
 - a quantized layer called more than once (a shared conv) freezes with a float
   input and no fold: its frozen module serves every call, and the calls may read
   other grids and feed other BatchNorms.
