@@ -19,7 +19,23 @@ __all__ = ["weights_as_float", "weights_as_int4"]
 
 
 def weights_as_int4(model: onnx.ModelProto) -> None:
-    """Store integer weight initializers that feed a DequantizeLinear as INT4."""
+    """Store integer weight initializers that feed a DequantizeLinear as INT4.
+
+    Raises:
+        ExportError: a weight holds codes outside INT4's [-8, 7].
+
+    Example:
+        >>> import numpy as np
+        >>> from onnx import TensorProto, helper, numpy_helper
+        >>> codes = numpy_helper.from_array(np.array([[7], [-8]], dtype=np.int8), "w")
+        >>> scale = numpy_helper.from_array(np.array(0.25, dtype=np.float32), "s")
+        >>> dq = helper.make_node("DequantizeLinear", ["w", "s"], ["y"])
+        >>> out = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 1])
+        >>> model = helper.make_model(helper.make_graph([dq], "w", [], [out], [codes, scale]))
+        >>> weights_as_int4(model)
+        >>> TensorProto.DataType.Name(model.graph.initializer[0].data_type)
+        'INT4'
+    """
     import onnx
     from onnx import numpy_helper
 
@@ -43,7 +59,21 @@ def weights_as_int4(model: onnx.ModelProto) -> None:
 
 
 def weights_as_float(model: onnx.ModelProto) -> None:
-    """Fold DequantizeLinear of integer weight initializers into float initializers."""
+    """Fold DequantizeLinear of integer weight initializers into float initializers.
+
+    Example:
+        >>> import numpy as np
+        >>> from onnx import TensorProto, helper, numpy_helper
+        >>> codes = numpy_helper.from_array(np.array([[3], [-2]], dtype=np.int8), "w")
+        >>> scale = numpy_helper.from_array(np.array(0.5, dtype=np.float32), "s")
+        >>> nodes = [helper.make_node("DequantizeLinear", ["w", "s"], ["wf"]), helper.make_node("MatMul", ["x", "wf"], ["y"])]
+        >>> x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])
+        >>> y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1])
+        >>> model = helper.make_model(helper.make_graph(nodes, "net", [x], [y], [codes, scale]))
+        >>> weights_as_float(model)
+        >>> [n.op_type for n in model.graph.node], numpy_helper.to_array(model.graph.initializer[0]).ravel().tolist()
+        (['MatMul'], [1.5, -1.0])
+    """
     import onnx
     from onnx import numpy_helper
 
