@@ -59,6 +59,11 @@ class _MeanError:
         channel = -1 if isinstance(module, nn.Linear) else 1
         error = error.movedim(channel, 0).reshape(error.shape[channel], -1)
         total = error.sum(dim=1)
+        # in eval mode the layer adds its bias on its accumulator grid (qseg/accumulator.py):
+        # measure against its own bias, which the correction moves
+        added = module.layer_bias()
+        if added is not None and added is not module.bias:
+            total = total + (added - module.bias).detach().double() * error.shape[1]
         self.total = total if self.total is None else self.total + total
         self.count += error.shape[1]
 

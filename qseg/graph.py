@@ -678,7 +678,7 @@ def _nearest(gm: fx.GraphModule, node: fx.Node) -> bool:
     )
 
 
-def grid_of(gm: fx.GraphModule, node: fx.Node, grids: dict[str, object], _memo: dict | None = None) -> object:
+def grid_of(gm: fx.GraphModule, node: fx.Node, grids: dict[str, object]) -> object:
     """The grid (any hashable tag, e.g. a quantizer config) ``node``'s output lies on,
     or None when it is not provably on one.
 
@@ -687,25 +687,37 @@ def grid_of(gm: fx.GraphModule, node: fx.Node, grids: dict[str, object], _memo: 
     max pooling, nearest upsampling, reshapes, concatenation of tensors on one
     grid); averaging, bilinear interpolation and arithmetic leave it.
     """
+    sources = grid_sources(gm, node, set(grids))
+    tags = {grids[name] for name in sources} if sources is not None else set()
+    return tags.pop() if len(tags) == 1 else None
+
+
+def grid_sources(
+    gm: fx.GraphModule, node: fx.Node, quantized: set[str], _memo: dict | None = None
+) -> frozenset[str] | None:
+    """The quantized nodes (names in ``quantized``) whose values ``node``'s output
+    holds, through the ops :func:`grid_of` lets a grid pass, or None when some of
+    its values come from elsewhere. ``node``'s output lies on a grid when all of
+    them quantize to that one grid."""
     memo = {} if _memo is None else _memo
-    if node.name in grids:
-        return grids[node.name]
+    if node.name in quantized:
+        return frozenset((node.name,))
     if node.name in memo:
         return memo[node.name]
     memo[node.name] = None
     result = None
     inputs = [i for i in node.all_input_nodes if i.op != "get_attr"]
     if node.op == "call_function" and node.target in CONCATENATIONS:
-        tags = {grid_of(gm, i, grids, memo) for i in inputs}
-        result = tags.pop() if len(tags) == 1 else None
+        parts = [grid_sources(gm, i, quantized, memo) for i in inputs]
+        result = frozenset().union(*parts) if parts and None not in parts else None
     elif inputs and (
         _is(gm, node, GRID_KEEPING_MODULES, GRID_KEEPING_FUNCTIONS, GRID_KEEPING_METHODS)
         or _nearest(gm, node)
     ):
-        result = grid_of(gm, inputs[0], grids, memo)
+        result = grid_sources(gm, inputs[0], quantized, memo)
     elif node.op == "call_function" and node.target is F.pad:
         constant = node.kwargs.get("value", node.args[3] if len(node.args) > 3 else 0.0)
         mode = node.kwargs.get("mode", node.args[2] if len(node.args) > 2 else "constant")
-        result = grid_of(gm, inputs[0], grids, memo) if mode == "constant" and not constant else None
+        result = grid_sources(gm, inputs[0], quantized, memo) if mode == "constant" and not constant else None
     memo[node.name] = result
     return result

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qseg.accumulator import AccumulatorLink, accumulator_bias
 from qseg.quantizers import Quantizer
 
 __all__ = [
@@ -34,10 +35,19 @@ class _WeightQuant:
 
     weight: nn.Parameter
     weight_quant: Quantizer
+    # set by qseg.prepare where the layer's input lies on an activation grid (qseg/accumulator.py)
+    qseg_accumulator: AccumulatorLink | None = None
 
     def quantized_weight(self) -> torch.Tensor:
         """The weight as the layer uses it: on the quantizer's grid."""
         return self.weight_quant(self.weight)
+
+    def layer_bias(self) -> torch.Tensor | None:
+        """The bias as the layer adds it: in eval mode, on its accumulator grid where
+        ``qseg.prepare`` linked it to its input's grid (as an int8 runtime adds it)."""
+        if self.training or self.qseg_accumulator is None:
+            return self.bias
+        return accumulator_bias(self)
 
 
 class QuantConv1d(_WeightQuant, nn.Conv1d):
@@ -60,7 +70,7 @@ class QuantConv1d(_WeightQuant, nn.Conv1d):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(x, self.quantized_weight(), self.bias)
+        return self._conv_forward(x, self.quantized_weight(), self.layer_bias())
 
 
 class QuantConv2d(_WeightQuant, nn.Conv2d):
@@ -80,7 +90,7 @@ class QuantConv2d(_WeightQuant, nn.Conv2d):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(x, self.quantized_weight(), self.bias)
+        return self._conv_forward(x, self.quantized_weight(), self.layer_bias())
 
 
 class QuantConv3d(_WeightQuant, nn.Conv3d):
@@ -99,7 +109,7 @@ class QuantConv3d(_WeightQuant, nn.Conv3d):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(x, self.quantized_weight(), self.bias)
+        return self._conv_forward(x, self.quantized_weight(), self.layer_bias())
 
 
 class _QuantConvTranspose(_WeightQuant):
@@ -115,7 +125,7 @@ class _QuantConvTranspose(_WeightQuant):
         return self._conv(
             x,
             self.quantized_weight(),
-            self.bias,
+            self.layer_bias(),
             self.stride,
             self.padding,
             output_padding,
@@ -196,7 +206,7 @@ class QuantLinear(_WeightQuant, nn.Linear):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.quantized_weight(), self.bias)
+        return F.linear(x, self.quantized_weight(), self.layer_bias())
 
 
 #: float layer type -> its quantized subclass

@@ -9,6 +9,10 @@ import torch
 from torch import fx, nn
 
 from qseg import graph as g
+from qseg.accumulator import AccumulatorLink
+from qseg.convert.apply_fx import read_fx
+from qseg.convert.apply_swap import swap_model_graph
+from qseg.convert.plan import ModelGraph, link_layers
 from qseg.errors import TraceError
 from qseg.nn import allow_float_checkpoints
 from qseg.passes import (
@@ -105,6 +109,7 @@ def _prepare_fx(gm: fx.GraphModule, recipe: Recipe) -> fx.GraphModule:
     if recipe.rescale:
         rescaled = plan_rescale(gm).summary()
         gm = rescale(gm, inplace=True)
+    link_accumulators(read_fx(gm))
     how = "torch.fx (verified on the example inputs)"
     gm.qseg_report = _report(gm, recipe.name, how, decisions, removed, rescaled)
     allow_float_checkpoints(gm)
@@ -129,6 +134,7 @@ def _prepare_fallback(model: nn.Module, inputs: tuple, recipe: Recipe, fx_failur
             "and stays float."
         ) from exc
     decisions = apply_plan(model, module_graph, plan(module_graph, recipe))
+    link_accumulators(swap_model_graph(model, module_graph))
     how = f"torch.export + module swap (torch.fx failed: {fx_failure})"
     # the scale analysis needs the quantizers as graph nodes, which the module swap does not give
     rescaled = (
@@ -141,6 +147,16 @@ def _prepare_fallback(model: nn.Module, inputs: tuple, recipe: Recipe, fx_failur
     )
     allow_float_checkpoints(model)
     return model
+
+
+def link_accumulators(model: ModelGraph) -> None:
+    """Give each quantized layer whose input lies on activation grids its
+    :class:`~qseg.accumulator.AccumulatorLink`, by the conversion plan's rules, so that
+    in eval mode it adds its bias as ``convert`` freezes it."""
+    for link in link_layers(model):
+        if link.inputs:
+            norm = model.module_of(link.norm) if link.norm is not None else None
+            link.module.qseg_accumulator = AccumulatorLink(link.inputs, norm)
 
 
 def _layer_row(gm: fx.GraphModule, decision, inputs: dict[str, str], outputs: dict[str, str]) -> LayerRow:

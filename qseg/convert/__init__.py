@@ -11,6 +11,9 @@ reproduce:
   and its bias; when the conv's input lies on a power-of-two grid it becomes an
   *integer* conv (``qseg::qconv``): int32 bias codes at scale
   ``s_in * s_w``, computed as an integer runtime computes it;
+- a layer whose input lies on activation grids of one step keeps its bias (folded)
+  rounded onto its accumulator grid, ``s_in * s_w``, as the prepared model adds it
+  in eval mode and an int8 runtime adds it (``qseg/accumulator.py``);
 - a layer with a non-uniform grid (INQ) keeps float weights that lie exactly on
   the grid, and its BatchNorm stays a separate op;
 - float layers (first/last) are left as they are;

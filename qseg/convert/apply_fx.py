@@ -65,7 +65,7 @@ def apply_fx(gm: fx.GraphModule, plan: ConversionPlan) -> ConvertReport:
     for d in plan.layers:
         module = gm.get_submodule(d.layer.module)
         bn = gm.get_submodule(d.norm.module) if d.norm is not None else None
-        frozen = freeze_layer(d.layer.module, module, bn, d.in_grid, report)
+        frozen = freeze_layer(d.layer.module, module, bn, d.in_grid, d.in_scale, report)
         gm.add_submodule(d.layer.module, frozen)
         # a layer kept on float weights (a non-uniform grid) keeps its BatchNorm
         if d.norm is not None and isinstance(frozen, FrozenLayer):

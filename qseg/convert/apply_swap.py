@@ -23,7 +23,7 @@ from qseg.errors import ExportError
 from qseg.nn import QUANTIZED, ActQuant
 from qseg.quantizers import Quantizer
 
-__all__ = ["apply_swap", "convert_swap", "read_swap"]
+__all__ = ["apply_swap", "convert_swap", "read_swap", "swap_model_graph"]
 
 _QUANTIZER_CHILDREN = ("act_quant", "input_quant")
 _HOOK_DICTS = (
@@ -86,6 +86,12 @@ def read_swap(model: nn.Module, inputs: tuple) -> ModelGraph:
             f"torch.export could not read {type(model).__name__} on the example inputs again: "
             f"{type(exc).__name__}: {g.first_line(exc)}"
         ) from exc
+    return swap_model_graph(model, graph)
+
+
+def swap_model_graph(model: nn.Module, graph: fx.GraphModule) -> ModelGraph:
+    """``model`` (prepared on the fallback) as the plan reads it, ``graph`` a module
+    graph of the model or of its float twin (the same module names)."""
     quantizers = []
     for prefix, module in model.named_modules():
         for child in _QUANTIZER_CHILDREN:
@@ -135,7 +141,7 @@ def apply_swap(model: nn.Module, plan: ConversionPlan) -> ConvertReport:
     for d in plan.layers:
         module = model.get_submodule(d.layer.module)
         bn = model.get_submodule(d.norm.module) if d.norm is not None else None
-        frozen = freeze_layer(d.layer.module, module, bn, d.in_grid, report)
+        frozen = freeze_layer(d.layer.module, module, bn, d.in_grid, d.in_scale, report)
         _swap(model, module, frozen)
         # a layer kept on float weights (a non-uniform grid) keeps its BatchNorm
         if bn is not None and isinstance(frozen, FrozenLayer):

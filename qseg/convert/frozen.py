@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import qseg.ops  # noqa: F401  (registers torch.ops.qseg.*)
+from qseg.accumulator import folded, on_accumulator_grid
 from qseg.convert.report import ConvertReport
 from qseg.errors import ExportError
 from qseg.nn import QUANTIZED, ActQuant
@@ -333,41 +334,36 @@ def freeze_layer(
     module: nn.Module,
     bn: nn.Module | None,
     in_grid: tuple[float, int, int] | None,
+    in_scale: float | None,
     report: ConvertReport,
 ) -> nn.Module:
     """The frozen form of the quantized layer ``module`` (BatchNorm ``bn`` folded in,
-    an integer conv when ``in_grid`` is set), recorded in ``report``."""
+    an integer conv when ``in_grid`` is set, its bias on the accumulator grid of
+    ``in_scale`` when that is set), recorded in ``report``."""
     weight = module.weight.detach()
     q = module.weight_quant(weight)
     if not torch.isfinite(q).all() or (module.bias is not None and not torch.isfinite(module.bias).all()):
         raise ExportError(f"layer {name}: its weights or bias hold non-finite values; it cannot be exported")
     spec = module.weight_quant.spec(weight)
     if spec is None:
-        plain = copy.deepcopy(module)
+        # the copy computes in float: it needs no link to the quantizers and BatchNorm around it
+        plain = copy.deepcopy(module, {id(module.__dict__.get("qseg_accumulator")): None})
         plain.__class__ = next(c for c in QUANTIZED if QUANTIZED[c] is type(module))
         del plain.weight_quant
         plain.weight = nn.Parameter(q.clone(), requires_grad=False)
         report.grid_layers.append(name)
         return plain
     kind = layer_kind(module)
-    out_axis = 1 if kind == "conv_transpose" else 0
-    out_channels = weight.shape[out_axis]
-    codes = spec.codes(q)
-    if spec.axis is None:
-        w_scale = spec.scale.to(torch.float64).expand(out_channels).clone()
-    elif spec.axis == out_axis:
-        w_scale = spec.scale.to(torch.float64)
-    else:
+    parts = folded(module, bn)
+    if parts is None:
         raise ExportError(
             f"layer {name}: per-channel scales along axis {spec.axis} are not the output channels"
         )
-    bias = module.bias.detach().double() if module.bias is not None else torch.zeros(out_channels).double()
-    if bn is not None:
-        k = bn.weight.detach().double() if bn.affine else torch.ones(out_channels).double()
-        k = k / torch.sqrt(bn.running_var.double() + bn.eps)
-        shift = bn.bias.detach().double() if bn.affine else torch.zeros(out_channels).double()
-        w_scale = w_scale * k
-        bias = (bias - bn.running_mean.double()) * k + shift
+    w_scale, bias, _ = parts
+    codes = spec.codes(q)
+    if in_scale is not None:
+        # what the prepared layer adds in eval mode and an int8 kernel adds (qseg/accumulator.py)
+        bias = on_accumulator_grid(bias, in_scale, w_scale)
     if in_grid is not None:
         # the runtimes run int8 kernels for any 8-bit input grid, integer conv here or not
         _warn_int8_kernel_limits(name, in_grid, codes, report)

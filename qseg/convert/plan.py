@@ -22,7 +22,15 @@ from qseg import graph as g
 from qseg.convert.frozen import FrozenActQuant, Grid, freeze_act, freeze_weight, layer_kind
 from qseg.nn import QUANTIZED, ActQuant
 
-__all__ = ["Call", "ConversionPlan", "LayerFreeze", "ModelGraph", "plan_conversion"]
+__all__ = [
+    "Call",
+    "ConversionPlan",
+    "LayerFreeze",
+    "LayerLink",
+    "ModelGraph",
+    "link_layers",
+    "plan_conversion",
+]
 
 
 @dataclass(frozen=True)
@@ -66,11 +74,14 @@ class Call:
 class LayerFreeze:
     """How one quantized layer freezes: ``norm`` is the BatchNorm folded into it
     (``None``: none), ``in_grid`` the grid its input lies on (``None``: a float
-    input; an integer conv needs one)."""
+    input; an integer conv needs one), ``in_scale`` the step of the grids its input
+    lies on (one grid or several of one step; ``None``: a float input), on which
+    its bias goes onto the accumulator grid (``qseg/accumulator.py``)."""
 
     layer: Call
     norm: Call | None
     in_grid: Grid | None
+    in_scale: float | None = None
 
 
 @dataclass
@@ -127,14 +138,22 @@ def _freeze_activations(model: ModelGraph, plan: ConversionPlan) -> dict[int, Fr
     return frozen
 
 
-def _decide_layer(
-    model: ModelGraph,
-    node: fx.Node,
-    module: nn.Module,
-    grids: dict[str, Grid],
-    frozen: dict[int, FrozenActQuant],
-) -> LayerFreeze:
-    """The decision for the quantized layer ``module``, at its first call ``node``."""
+@dataclass(frozen=True, eq=False)
+class LayerLink:
+    """What a quantized layer is joined to in the graph, at its first call ``node``:
+    ``norm`` the BatchNorm call that folds into it (``None``: none) and ``inputs`` the
+    activation quantizers whose outputs its input holds (``None``: some of it comes
+    from elsewhere, or the layer is called more than once and may read other grids)."""
+
+    node: fx.Node
+    module: nn.Module
+    norm: fx.Node | None
+    inputs: tuple[ActQuant, ...] | None
+
+
+def _link_layer(
+    model: ModelGraph, node: fx.Node, module: nn.Module, quantized: dict[str, ActQuant]
+) -> LayerLink:
     once = _called_once(model, node)
     norm = _fold_target(model.graph, node) if once and layer_kind(module) != "linear" else None
     # a BatchNorm called elsewhere too, or a layer whose output is quantized before its
@@ -143,12 +162,55 @@ def _decide_layer(
         norm = None
     # the layer's own input quantizer (the fallback's conv_input placement) sets its input grid
     own = module._modules.get("input_quant")
-    if own is not None and id(own) in frozen:
-        in_grid = frozen[id(own)].grid
-    else:
-        # a layer called more than once may read another grid at each call
-        in_grid = g.grid_of(model.graph, node.args[0], grids) if once and node.args else None
-    return LayerFreeze(_call(node), _call(norm) if norm is not None else None, in_grid)
+    if isinstance(own, ActQuant):
+        return LayerLink(node, module, norm, (own,))
+    # a layer called more than once may read another grid at each call
+    if not once or not node.args or not isinstance(node.args[0], fx.Node):
+        return LayerLink(node, module, norm, None)
+    sources = g.grid_sources(model.graph, node.args[0], set(quantized))
+    inputs = (
+        None
+        if sources is None
+        else tuple({id(q): q for q in (quantized[s] for s in sorted(sources))}.values())
+    )
+    return LayerLink(node, module, norm, inputs)
+
+
+def link_layers(model: ModelGraph) -> list[LayerLink]:
+    """One link per quantized layer of ``model``, in graph order (a module called more
+    than once at its first call). ``convert`` freezes each layer by its link, and
+    ``prepare`` gives each layer its link (``qseg/accumulator.py``): both read the
+    same facts."""
+    quantized: dict[str, ActQuant] = {}
+    for node in model.graph.graph.nodes:
+        quantizer = model.output_quantizer(node)
+        if isinstance(quantizer, ActQuant):
+            quantized[node.name] = quantizer
+    links: list[LayerLink] = []
+    seen: set[int] = set()
+    for node in model.graph.graph.nodes:
+        module = model.module_of(node)
+        if type(module) in QUANTIZED.values() and id(module) not in seen:
+            seen.add(id(module))
+            links.append(_link_layer(model, node, module, quantized))
+    return links
+
+
+def _in_grid(link: LayerLink, frozen: dict[int, FrozenActQuant]) -> Grid | None:
+    """The one grid the frozen forms of ``link``'s input quantizers put values on."""
+    if not link.inputs or any(id(q) not in frozen for q in link.inputs):
+        return None
+    grids = {frozen[id(q)].grid for q in link.inputs}
+    return grids.pop() if len(grids) == 1 else None
+
+
+def _in_scale(link: LayerLink, frozen: dict[int, FrozenActQuant]) -> float | None:
+    """The one step of the frozen forms of ``link``'s input quantizers, as the prepared
+    layer reads it (``qseg.accumulator.input_scale``)."""
+    if not link.inputs or any(id(q) not in frozen for q in link.inputs):
+        return None
+    scales = {frozen[id(q)].scale for q in link.inputs}
+    return scales.pop() if len(scales) == 1 else None
 
 
 def _removable_relu(model: ModelGraph, node: fx.Node, grids: dict[str, Grid]) -> bool:
@@ -178,12 +240,10 @@ def plan_conversion(model: ModelGraph) -> ConversionPlan:
         quantizer = model.output_quantizer(node)
         if quantizer is not None and id(quantizer) in frozen:
             grids[node.name] = frozen[id(quantizer)].grid
-    decided: set[int] = set()  # a module called more than once freezes once, at its first call
-    for node in model.graph.graph.nodes:
-        module = model.module_of(node)
-        if type(module) in QUANTIZED.values() and id(module) not in decided:
-            decided.add(id(module))
-            plan.layers.append(_decide_layer(model, node, module, grids, frozen))
+    for link in link_layers(model):
+        norm = _call(link.norm) if link.norm is not None else None
+        in_grid, in_scale = _in_grid(link, frozen), _in_scale(link, frozen)
+        plan.layers.append(LayerFreeze(_call(link.node), norm, in_grid, in_scale))
     plan.relus = [_call(node) for node in model.graph.graph.nodes if _removable_relu(model, node, grids)]
     plan.weights = {name: freeze_weight(name, q, w) for name, q, w in model.weight_quantizers}
     return plan

@@ -61,13 +61,21 @@ def test_corrected_layers_have_the_float_mean_on_the_data():
     assert all(e.abs().max() > 1e-3 for e in before)  # 3-bit weights do shift the means
     report = qseg.calibrate(qmodel, data(), progress=False, bias_correction=True)
     after = [channel_mean_error(qmodel, layer, b, data()) for layer, b in zip(layers, biases, strict=True)]
-    # the first layer's input does not depend on any correction: its mean error is gone
-    torch.testing.assert_close(after[0], torch.zeros_like(after[0]), atol=1e-6, rtol=0)
+    # the first layer's input does not depend on any correction: its mean error is gone, but
+    # for the corrected bias's rounding onto the accumulator grid (input step x weight step)
+    first = layers[0]
+    (input_quant,) = first.qseg_accumulator.inputs
+    step = input_quant.quantizer.frozen_spec().scale * first.weight_quant.spec(first.weight).scale
+    assert (after[0].abs() <= step / 2 + 1e-6).all(), (after[0], step)
+    assert after[0].abs().max() < 0.02 * before[0].abs().max()
     # the second's input moved with the first layer's correction (all are measured in one
     # pass, before any is applied): smaller, not zero
     assert after[1].abs().max() < 0.5 * before[1].abs().max()
     rows = {b.name: b for b in report.biases}
-    assert rows["0"].shift_max == pytest.approx(float(before[0].abs().max()), rel=1e-4)
+    # the shift is measured against the bias itself, the error above against its rounded form
+    assert rows["0"].shift_max == pytest.approx(
+        float(before[0].abs().max()), abs=float(step.max()) / 2 + 1e-6
+    )
     assert rows["4"].skipped == "no bias"
     assert "bias correction: 2 layers" in str(report) and "4 (no bias)" in str(report)
 

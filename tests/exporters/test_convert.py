@@ -365,6 +365,23 @@ def test_functional_layers_weights_freeze_to_codes_and_run_int8(tmp_path):
     equals_prepared_and_runs_int8(c, q, x, tmp_path)
 
 
+def test_functional_layers_weights_on_a_non_uniform_grid_freeze_to_their_quantized_values():
+    # INQ's power-of-two weights have no QuantSpec: the frozen weight holds the quantized
+    # tensor itself (float values on the grid), read by the call as the quantizer's output was
+    torch.manual_seed(0)
+    x = torch.randn(2, 1, 16, 16)
+    q = qseg.prepare(FunctionalConvs(), "fcn-inq7", example_inputs=x).eval()
+    assert q.w1_quant.spec(q.w1) is None and not torch.equal(q.w1_quant(q.w1), q.w1)
+    c = qseg.convert(q)
+    assert c.qseg_convert.frozen_weights == ["w1_quant", "w2_quant"]
+    assert not isinstance(c.w1_quant, FrozenWeight)
+    with torch.no_grad():
+        assert torch.equal(c.w1_quant(), q.w1_quant(q.w1))
+        assert torch.equal(c.w2_quant(), q.w2_quant(q.w2))
+        torch.testing.assert_close(c(x), q(x), rtol=0, atol=1e-5)
+    assert not [n for n, m in c.named_modules() if isinstance(m, Quantizer)]
+
+
 class SameConv(nn.Conv2d):
     """A conv whose own forward calls ``F.conv2d`` (as EfficientNet's same-padding convs do)."""
 

@@ -49,16 +49,11 @@ KNOWN: dict[str, str] = {}
 # one-step move spreads through the layers after it. The verdict's float floor measures how far
 # the model moves under other roundings (float64, and each quantizer's input moved by a few ulps:
 # BasicUNet2d 99.63% within one step, onnxruntime 99.68%; qseg.exporters.parity).
-# "model" -> what was measured where onnxruntime computes something else (strict xfail), 2026-11-30:
-# onnxruntime rounds the float bias of a conv it fuses into a QLinearConv (output straight into a
-# quantizer) to int32 codes (input scale x weight scale), up to half a code off the model's bias.
-# Writing every bias as an Add made AttentionUnet2d pass but blocks the fusion (2.6x slower);
-# rounding those biases in convert alone made onnxruntime pass and moved the converted model off
-# the prepared one by as much (96.95% within one step): it has to happen in the prepared layers
-# (docs/export.md).
-EXPORT_KNOWN = {
-    "monai.AttentionUnet2d": "onnxruntime: 96.88% within one step against a float floor of 98.98%",
-}
+# "model" -> what was measured where onnxruntime computes something else (strict xfail). None
+# today: AttentionUnet2d (96.88% within one step against a float floor of 98.98%) lost it to
+# onnxruntime rounding the float bias of each conv it fuses into a QLinearConv onto the
+# accumulator grid; the prepared model now adds its bias there in eval mode (qseg/accumulator.py).
+EXPORT_KNOWN: dict[str, str] = {}
 
 
 def _calibration(x: torch.Tensor) -> list[torch.Tensor]:

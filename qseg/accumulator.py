@@ -1,0 +1,179 @@
+"""A quantized layer's bias on its accumulator grid, in the prepared model and the converted one.
+
+An int8 kernel sums products of input codes and weight codes in an int32 accumulator
+and adds the layer's bias there, as int32 codes of step ``input scale x weight scale``
+(per output channel, a folded BatchNorm's factor included). onnxruntime does so for
+every conv it fuses into a ``QLinearConv``, rounding a float bias onto that grid (up
+to half a code away from it); qseg's integer convs do so by design. So that the model
+a user validates is the model deployed, a layer whose input lies on an activation
+grid adds, in eval mode, its bias rounded onto its accumulator grid, and ``convert``
+freezes that same bias: then every runtime adds the same value, fused or not.
+
+``qseg.prepare`` links each quantized layer to the activation quantizers its input
+comes from and to the BatchNorm ``convert`` will fold into it, with the conversion
+plan's own rules (``qseg.convert.plan.link_layers``), and stores the link on the
+layer as :attr:`qseg_accumulator`. In training mode nothing changes: the bias moves
+by a fraction of a weight code's contribution, far below what a gradient sees.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from qseg.quantizers import Quantizer
+
+__all__ = ["AccumulatorLink", "accumulator_bias", "folded", "on_accumulator_grid"]
+
+
+@dataclass(frozen=True, eq=False)
+class AccumulatorLink:
+    """What a quantized layer's accumulator grid depends on: the activation quantizers
+    whose outputs its input holds (``inputs``; one grid between them, or the link does
+    nothing) and the BatchNorm that folds into it (``norm``, or ``None``).
+
+    Example:
+        >>> import torch, qseg
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 1, 1))
+        >>> qmodel = qseg.prepare(model, "int8", example_inputs=torch.rand(1, 1, 8, 8))
+        >>> qmodel.get_submodule("0").qseg_accumulator
+        AccumulatorLink(inputs from 1 quantizer, folds BatchNorm2d)
+    """
+
+    inputs: tuple[nn.Module, ...]
+    norm: nn.Module | None
+
+    def __repr__(self) -> str:
+        norm = f"folds {type(self.norm).__name__}" if self.norm is not None else "no fold"
+        return f"AccumulatorLink(inputs from {len(self.inputs)} quantizer{'s' * (len(self.inputs) != 1)}, {norm})"
+
+
+def input_scale(link: AccumulatorLink) -> torch.Tensor | None:
+    """The step of the grids ``link``'s input quantizers put values on, as they stand
+    (a 0-d tensor; NaN where their steps differ), or ``None`` where one has no uniform
+    grid (no range yet, a binary sign; while ``qseg.calibrate`` observes, an observer
+    stands in for it). Tensor ops only, so that ``torch.compile`` sees one graph."""
+    scales = []
+    for act_quant in link.inputs:
+        quantizer = act_quant.quantizer
+        if not isinstance(quantizer, Quantizer) or not quantizer.range_set:
+            return None
+        spec = quantizer.frozen_spec()
+        if spec is None:
+            return None
+        scales.append(spec.scale)
+    if not scales:
+        return None
+    scale = scales[0]
+    for other in scales[1:]:
+        scale = torch.where(other == scale, scale, torch.nan)
+    return scale
+
+
+def _out_axis(layer: nn.Module) -> int:
+    return 1 if isinstance(layer, nn.modules.conv._ConvTransposeNd) else 0
+
+
+def folded(
+    layer: nn.Module, norm: nn.Module | None
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] | None:
+    """The per-output-channel weight scale and bias of the quantized ``layer`` with the
+    BatchNorm ``norm`` folded in, in float64, and the fold ``(factor, shift, mean)``
+    (``None`` without a norm); ``None`` when its weight grid is not uniform per tensor
+    or per output channel (nothing to fold exactly) or its quantizer was replaced.
+
+    With ``k = gamma / sqrt(var + eps)``: weight scale ``s_w * k``, bias
+    ``(b - mean) * k + beta``.
+
+    Example:
+        >>> import torch, qseg
+        >>> from torch import nn
+        >>> from qseg.nn import quantize_module
+        >>> from qseg.quantizers import FixedPoint
+        >>> conv = quantize_module(nn.Conv2d(1, 2, 1), FixedPoint(0, 4))
+        >>> norm = nn.BatchNorm2d(2, eps=0.0).eval()
+        >>> _ = norm.running_var.fill_(4.0)                    # k = 1 / sqrt(4)
+        >>> w_scale, bias, fold = folded(conv, norm)
+        >>> w_scale.tolist()                                   # 2^-4 / 2
+        [0.03125, 0.03125]
+    """
+    weight = layer.weight.detach()
+    if not isinstance(layer.weight_quant, Quantizer):
+        return None  # a quantizer bypassed by hand
+    spec = layer.weight_quant.spec(weight)
+    out_axis = _out_axis(layer)
+    out_channels = weight.shape[out_axis]
+    if spec is None or spec.axis not in (None, out_axis):
+        return None
+    w_scale = spec.scale.to(torch.float64)
+    if spec.axis is None:
+        w_scale = w_scale.expand(out_channels).clone()
+    zeros = torch.zeros(out_channels, dtype=torch.float64, device=weight.device)
+    bias = layer.bias.detach().double() if layer.bias is not None else zeros
+    if norm is None:
+        return w_scale, bias, None
+    factor = norm.weight.detach().double() if norm.affine else torch.ones_like(zeros)
+    factor = factor / torch.sqrt(norm.running_var.double() + norm.eps)
+    shift = norm.bias.detach().double() if norm.affine else zeros
+    mean = norm.running_mean.double()
+    return w_scale * factor, (bias - mean) * factor + shift, (factor, shift, mean)
+
+
+def on_accumulator_grid(
+    bias: torch.Tensor, in_scale: float | torch.Tensor, w_scale: torch.Tensor
+) -> torch.Tensor:
+    """``bias`` (float64, one per output channel) rounded to the nearest multiple of
+    ``in_scale * w_scale``, the scales as float32 holds them (as the exported file
+    does); a channel whose step is 0 or NaN keeps its bias.
+
+    Example:
+        >>> import torch
+        >>> on_accumulator_grid(torch.tensor([0.30, -0.07], dtype=torch.float64), 0.5, torch.tensor([0.25, 0.125]))
+        tensor([ 0.2500, -0.0625], dtype=torch.float64)
+    """
+    in_scale = torch.as_tensor(in_scale, dtype=torch.float32, device=bias.device)
+    step = in_scale.double() * w_scale.float().double()
+    off = (step == 0) | torch.isnan(step)
+    rounded = torch.round(bias / torch.where(off, 1.0, step)) * step
+    return torch.where(off, bias, rounded)
+
+
+def accumulator_bias(layer: nn.Module) -> torch.Tensor | None:
+    """The bias the quantized ``layer`` adds in eval mode: its own, moved so that (with
+    its BatchNorm folded in) it lies on its accumulator grid, where the layer's input
+    lies on a known grid and its weights on a uniform one; else its own bias.
+
+    Example:
+        >>> import torch, qseg
+        >>> from torch import nn
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.ReLU(), nn.Conv2d(4, 1, 1))
+        >>> x = torch.rand(1, 1, 12, 12)
+        >>> qmodel = qseg.prepare(model, "int8", example_inputs=x)
+        >>> _ = qseg.calibrate(qmodel, [x], progress=False)
+        >>> layer = qmodel.get_submodule("2").eval()
+        >>> (act_quant,) = layer.qseg_accumulator.inputs
+        >>> step = act_quant.quantizer.frozen_spec().scale * layer.weight_quant.spec(layer.weight).scale
+        >>> codes = accumulator_bias(layer) / step
+        >>> bool(torch.allclose(codes, codes.round(), atol=1e-3))
+        True
+    """
+    link = layer.qseg_accumulator
+    if link is None or (link.norm is not None and link.norm.training):
+        return layer.bias
+    scale = input_scale(link)
+    parts = folded(layer, link.norm)
+    if scale is None or parts is None:
+        return layer.bias
+    w_scale, bias, fold = parts
+    rounded = on_accumulator_grid(bias, scale, w_scale)
+    if fold is not None:
+        factor, shift, mean = fold
+        # back in front of the BatchNorm; a channel the BatchNorm zeroes keeps its bias
+        unfolded = (rounded - shift) / torch.where(factor == 0, 1.0, factor) + mean
+        own = layer.bias.detach().double() if layer.bias is not None else torch.zeros_like(bias)
+        rounded = torch.where(factor == 0, own, unfolded)
+    return rounded.to(layer.weight.dtype)
