@@ -109,7 +109,7 @@ def _prepare_fx(gm: fx.GraphModule, recipe: Recipe) -> fx.GraphModule:
     if recipe.rescale:
         rescaled = plan_rescale(gm).summary()
         gm = rescale(gm, inplace=True)
-    link_accumulators(read_fx(gm))
+    _link_accumulators(read_fx(gm))
     how = "torch.fx (verified on the example inputs)"
     gm.qseg_report = _report(gm, recipe.name, how, decisions, removed, rescaled)
     allow_float_checkpoints(gm)
@@ -134,7 +134,7 @@ def _prepare_fallback(model: nn.Module, inputs: tuple, recipe: Recipe, fx_failur
             "and stays float."
         ) from exc
     decisions = apply_plan(model, module_graph, plan(module_graph, recipe))
-    link_accumulators(swap_model_graph(model, module_graph))
+    _link_accumulators(swap_model_graph(model, module_graph))
     how = f"torch.export + module swap (torch.fx failed: {fx_failure})"
     # the scale analysis needs the quantizers as graph nodes, which the module swap does not give
     rescaled = (
@@ -149,7 +149,7 @@ def _prepare_fallback(model: nn.Module, inputs: tuple, recipe: Recipe, fx_failur
     return model
 
 
-def link_accumulators(model: ModelGraph) -> None:
+def _link_accumulators(model: ModelGraph) -> None:
     """Give each quantized layer whose input lies on activation grids its
     :class:`~qseg.accumulator.AccumulatorLink`, by the conversion plan's rules, so that
     in eval mode it adds its bias as ``convert`` freezes it."""
