@@ -12,8 +12,9 @@ freezes that same bias: then every runtime adds the same value, fused or not.
 ``qseg.prepare`` links each quantized layer to the activation quantizers its input
 comes from and to the BatchNorm ``convert`` will fold into it, with the conversion
 plan's own rules (``qseg.convert.plan.link_layers``), and stores the link on the
-layer as :attr:`qseg_accumulator`. In training mode nothing changes: the bias moves
-by a fraction of a weight code's contribution, far below what a gradient sees.
+layer as :attr:`qseg_accumulator`. In training mode the layer adds its own bias: a
+BatchNorm then normalizes with batch statistics, which the fold does not describe, and
+the rounding moves the bias by half an accumulator code at most.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ __all__ = ["AccumulatorLink", "accumulator_bias", "folded", "on_accumulator_grid
 @dataclass(frozen=True, eq=False)
 class AccumulatorLink:
     """What a quantized layer's accumulator grid depends on: the activation quantizers
-    whose outputs its input holds (``inputs``; one grid between them, or the link does
+    whose outputs its input holds (``inputs``; where their steps differ, the link does
     nothing) and the BatchNorm that folds into it (``norm``, or ``None``).
 
     Example:
