@@ -10,6 +10,7 @@ quantized, as they will be deployed); the ranges are set once, at the end.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -20,15 +21,13 @@ from torch import nn
 from qseg.bias_correction import BiasCorrection, correct_biases
 from qseg.errors import DataError, QuantizerError
 from qseg.nn import ActQuant
-from qseg.quantizers import Quantizer
+from qseg.ranges import mse_range, quantile
 
 __all__ = ["CalibratedRange", "CalibrationReport", "calibrate", "calibrated_quantizers"]
 
 Method = Literal["minmax", "percentile", "mse"]
 # values kept per quantizer and batch for the percentile and mse methods (a seeded sample)
 SAMPLE_PER_BATCH = 65536
-# mse: candidate ranges are these fractions of the observed range
-MSE_FRACTIONS = torch.linspace(0.2, 1.0, 81)
 
 
 @dataclass(frozen=True)
@@ -129,28 +128,17 @@ class _Observer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         values = x.detach().reshape(-1).float()
         if values.numel():
-            if not torch.isfinite(values).all():
+            lo, hi = (float(v) for v in torch.aminmax(values))  # NaN and inf propagate to both
+            if not (math.isfinite(lo) and math.isfinite(hi)):
                 raise DataError("calibration data produced a non-finite activation (NaN or inf)")
-            self.lo = min(self.lo, float(values.min()))
-            self.hi = max(self.hi, float(values.max()))
+            self.lo = min(self.lo, lo)
+            self.hi = max(self.hi, hi)
             if self.keep_sample:
                 if values.numel() > SAMPLE_PER_BATCH:
                     index = torch.randint(values.numel(), (SAMPLE_PER_BATCH,), generator=self.generator)
                     values = values[index.to(values.device)]
                 self.samples.append(values.cpu())
         return x
-
-
-def _mse_range(q: Quantizer, values: torch.Tensor, lo: float, hi: float) -> tuple[float, float]:
-    """The shrink of ``[lo, hi]`` whose grid quantizes ``values`` with the least squared error."""
-    best, best_error = (lo, hi), float("inf")
-    for fraction in MSE_FRACTIONS.tolist():
-        q.observe_range(torch.tensor(lo * fraction), torch.tensor(hi * fraction))
-        with torch.no_grad():
-            error = float((q(values) - values).pow(2).mean())
-        if error < best_error:
-            best, best_error = (lo * fraction, hi * fraction), error
-    return best
 
 
 def _as_args(batch: object) -> tuple:
@@ -259,11 +247,11 @@ def calibrate(
             raise DataError(f"activation quantizer {name} saw no values during calibration")
         lo, hi = observer.lo, observer.hi
         if method == "percentile":
-            values = torch.cat(observer.samples).double()
-            lo = float(torch.quantile(values, (100.0 - percentile) / 100.0))
-            hi = float(torch.quantile(values, percentile / 100.0))
+            values = torch.cat(observer.samples)
+            lo = quantile(values, (100.0 - percentile) / 100.0)
+            hi = quantile(values, percentile / 100.0)
         elif method == "mse":
-            lo, hi = _mse_range(q, torch.cat(observer.samples), lo, hi)
+            lo, hi = mse_range(q, torch.cat(observer.samples), lo, hi)
         q.observe_range(torch.tensor(lo), torch.tensor(hi))
         spec = q.spec(None)  # set now: a calibrated grid needs no tensor
         scale, zero = float(spec.scale), spec.zero_point

@@ -241,6 +241,9 @@ SIGN_PRESERVING_FUNCTIONS += (
     aten.contiguous.default,
     aten.pad.default,
 )
+# a tensor plus a tensor: where a residual branch joins the main path
+ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add, aten.add.Tensor, aten.add_.Tensor)
+ADD_METHODS = ("add", "add_")
 
 
 class QsegTracer(fx.Tracer):
@@ -433,6 +436,12 @@ def is_activation(gm: fx.GraphModule, node: fx.Node) -> bool:
 
 def is_relu(gm: fx.GraphModule, node: fx.Node) -> bool:
     return _is(gm, node, RELU_MODULES, RELU_FUNCTIONS, RELU_METHODS)
+
+
+def is_addition(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """``node`` adds two tensors (a residual join), not a tensor and a constant."""
+    tensors = [i for i in node.all_input_nodes if i.op != "get_attr"]
+    return _is(gm, node, (), ADD_FUNCTIONS, ADD_METHODS) and len(tensors) == 2
 
 
 @dataclass(frozen=True)

@@ -4,13 +4,17 @@ a calibrated model converts, exports and runs int8 with parity, with no training
 from __future__ import annotations
 
 from collections import Counter
+from unittest import mock
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from nets import Untraceable
 from torch import nn
 
 import qseg
+from qseg import ranges
 from qseg.exporters import check_parity, export_onnx, openvino_from_onnx, runtime_precisions
 from qseg.models import PaperUNet
 from qseg.nn import ActQuant
@@ -78,6 +82,25 @@ def test_methods_order_their_ranges_and_percentile_ignores_outliers():
     assert his["minmax"] == pytest.approx(50.0, rel=1e-5)
     assert 0.9 < his["percentile"] < 1.05  # the 99.9th percentile of 8192 values ignores one
     assert his["mse"] < his["minmax"]
+
+
+@given(
+    size=st.integers(1, 3000),
+    row=st.sampled_from([4, 64, 1 << 16]),
+    kind=st.sampled_from(["normal", "relu", "few values"]),
+    q=st.one_of(st.sampled_from([0.0, 1e-4, 0.5, 0.9999, 1.0]), st.floats(0.0, 1.0)),
+    seed=st.integers(0, 2**16),
+)
+def test_percentile_ranges_equal_torch_quantile_without_sorting(size, row, kind, q, seed):
+    # short rows send even small samples through the threshold that skips the sort;
+    # "few values" makes ties, "relu" a tail of equal zeros that all pass the threshold
+    values = torch.randn(size, generator=torch.Generator().manual_seed(seed))
+    if kind == "relu":
+        values = values.clamp(min=0)
+    elif kind == "few values":
+        values = (values * 2).round()
+    with mock.patch.object(ranges, "TAIL_ROW", row):
+        assert ranges.quantile(values, q) == float(torch.quantile(values.double(), q))
 
 
 def test_calibrate_restores_the_model_and_uses_at_most_the_given_batches():

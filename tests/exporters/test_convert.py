@@ -128,18 +128,18 @@ def test_relu_removed_only_after_an_unsigned_grid():
             super().__init__()
             self.c0, self.b0 = nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4)
             self.c1, self.b1 = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
-            self.head = nn.Conv2d(4, 1, 1)
+            self.head = nn.Conv2d(8, 1, 1)
 
         def forward(self, x):
             x = torch.relu(self.b0(self.c0(x)))
-            return self.head(torch.relu(x + self.b1(self.c1(x))))
+            return self.head(torch.relu(torch.cat([x, self.b1(self.c1(x))], 1)))
 
     q = qseg.prepare(Res(), example_inputs=torch.randn(2, 1, 8, 8)).eval()
     exact_biases(q)
     c = qseg.convert(q)
     assert c.qseg_convert.removed_relus == ["relu"]  # the one after b0's unsigned quantizer
     acts = [m for m in c.modules() if isinstance(m, FrozenActQuant)]
-    assert any(a.qmin < 0 for a in acts)  # b1 feeds the addition: signed
+    assert any(a.qmin < 0 for a in acts)  # b1 feeds the concatenation: signed
     x = torch.randn(2, 1, 8, 8)
     torch.testing.assert_close(c(x), q(x), rtol=0, atol=1e-5)
 

@@ -15,7 +15,8 @@ from qseg.quantizers import Quantizer
 
 def check_invariants(qmodel: nn.Module, first: set[str] | None = None, last: set[str] | None = None) -> None:
     """No dropout left; first/last layers float; every BatchNorm whose output feeds a
-    weighted layer is followed by an ActQuant; each quantized weight on its grid."""
+    weighted layer is followed by an ActQuant (or only by an addition, which the report
+    notes); each quantized weight on its grid."""
     assert isinstance(qmodel, fx.GraphModule)
     report = qmodel.qseg_report
     for node in qmodel.graph.nodes:
@@ -31,6 +32,10 @@ def check_invariants(qmodel: nn.Module, first: set[str] | None = None, last: set
     for node in qmodel.graph.nodes:
         if g.is_batch_norm(qmodel, node) and feeds[node.name]:
             users = list(node.users)
+            if len(users) == 1 and g.is_addition(qmodel, users[0]):  # the sum is quantized instead
+                note = f"no quantizer after {node.name}: it only feeds the addition {users[0].name}"
+                assert any(note in n for n in report.notes), f"{node.name}: the report does not say why"
+                continue
             assert len(users) == 1 and isinstance(g.module_of(qmodel, users[0]), ActQuant), (
                 f"{node.name} is followed by {users}, not by its activation quantizer"
             )

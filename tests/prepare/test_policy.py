@@ -67,10 +67,24 @@ class NoNorm(nn.Module):
         return F.conv2d(x, self.w)
 
 
-def test_signed_grid_where_batchnorm_feeds_an_addition():
+def test_a_batchnorm_that_only_feeds_an_addition_gets_no_quantizer():
     q = qseg.prepare(Residual(), recipe(), example_inputs=torch.randn(1, 1, 8, 8))
     by_site = {a.after: a for a in q.qseg_report.activations}
     assert by_site["bn1"].quantizer == "Q6.0 unsigned" and not by_site["bn1"].note
+    # the sum leaves the grid anyway: a quantizer on bn2 would only round twice
+    assert "bn2" not in by_site and not hasattr(q, "bn2_act_quant")
+    assert "c2: no quantizer after bn2: it only feeds the addition add" in "\n".join(q.qseg_report.notes)
+
+
+def test_signed_grid_where_batchnorm_feeds_more_than_a_relu():
+    class Joined(Residual):
+        def forward(self, x):
+            x = F.relu(self.bn0(self.stem(x)))
+            y = self.bn2(self.c2(F.relu(self.bn1(self.c1(x)))))
+            return self.head(F.relu(torch.cat([x, y], 1)[:, :8]))
+
+    q = qseg.prepare(Joined(), recipe(), example_inputs=torch.randn(1, 1, 8, 8))
+    by_site = {a.after: a for a in q.qseg_report.activations}
     # bn2's output meets the skip before any ReLU: clamping negatives would change the model
     assert by_site["bn2"].quantizer == "Q6.0" and "not only a ReLU" in by_site["bn2"].note
     assert q.get_submodule("bn2_act_quant").signed
