@@ -8,6 +8,7 @@ import math
 
 import torch
 
+from qseg.errors import DataError
 from qseg.quantizers import Quantizer
 
 __all__ = ["extremes", "mse_range", "quantile"]
@@ -26,6 +27,9 @@ def extremes(values: torch.Tensor, k: int, largest: bool = True) -> torch.Tensor
     least ``k`` values pass, so each of the ``k`` most extreme passes it too; only the values
     that pass are ranked.
 
+    Raises:
+        DataError: ``k`` is not between 1 and the number of values.
+
     Example:
         >>> import torch
         >>> extremes(torch.tensor([3.0, -1.0, 7.0, 0.5, 7.0]), 3)
@@ -33,6 +37,8 @@ def extremes(values: torch.Tensor, k: int, largest: bool = True) -> torch.Tensor
         >>> extremes(torch.tensor([3.0, -1.0, 7.0, 0.5]), 2, largest=False)
         tensor([-1.0000,  0.5000])
     """
+    if not 0 < k <= values.numel():
+        raise DataError(f"extremes: k must be in 1..{values.numel()} (the number of values), got {k}")
     rows = values.numel() // TAIL_ROW
     per_row = -(-k // rows) if rows else 0
     if rows >= 2 and per_row <= TAIL_ROW // 4:
@@ -48,6 +54,9 @@ def quantile(values: torch.Tensor, q: float) -> float:
     only that tail instead of sorting the two million values a quantizer keeps from 32
     batches (twice: one sort per end), and has no limit on their number (torch's is 2**24).
 
+    Raises:
+        DataError: no values, or ``q`` outside [0, 1].
+
     Example:
         >>> import torch
         >>> values = torch.arange(101, dtype=torch.float32)
@@ -55,6 +64,8 @@ def quantile(values: torch.Tensor, q: float) -> float:
         (99.0, 0.5)
     """
     n = values.numel()
+    if n == 0 or not 0.0 <= q <= 1.0:
+        raise DataError(f"quantile needs at least one value and q in [0, 1]; got {n} values, q={q}")
     rank = q * (n - 1)  # as torch.quantile computes it: the same interpolation weight
     below = math.floor(rank)
     if q >= 0.5:  # the largest n - below values, largest first

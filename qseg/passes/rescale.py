@@ -10,6 +10,7 @@ Two function-preserving transformations fix both before any fine-tuning:
   each filter spans its whole grid; the BatchNorm's running mean and variance take
   ``a_c`` and ``a_c^2``, so it computes the same normalized value.
 * **activations**: every BatchNorm followed by a fixed-point activation quantizer
+  (or only by a residual addition, whose sum ``prepare`` quantizes instead)
   has ``gamma`` and ``beta`` multiplied by one global ``B > 1``, chosen from the
   BatchNorm parameters alone so that ``beta_c + 3.1 |gamma_c|`` (about the 99.9th
   percentile of a unit-normal pre-activation) reaches 3/4 of the grid's top. A
@@ -238,19 +239,22 @@ def _fit_weights(gm: fx.GraphModule, exclusive: set[str], plan: dict) -> None:
         plan["fitted"].append(name)
 
 
-def _carriers(gm: fx.GraphModule, exclusive: set[str]) -> tuple[dict[str, FixedPoint], str]:
-    """BatchNorm nodes followed by an activation quantizer, with their quantizer, or
-    the reason why activations cannot be rescaled."""
-    found: dict[str, FixedPoint] = {}
+def _carriers(gm: fx.GraphModule, exclusive: set[str]) -> tuple[dict[str, FixedPoint | None], str]:
+    """BatchNorm nodes followed by an activation quantizer, with their quantizer, and
+    those whose only use is an addition (``None``: ``prepare`` quantizes the sum instead,
+    so they carry the factor as the other operand does); or the reason why activations
+    cannot be rescaled."""
+    found: dict[str, FixedPoint | None] = {}
     for node in gm.graph.nodes:
         if not (node.op == "call_module" and isinstance(gm.get_submodule(node.target), g.BATCH_NORMS)):
             continue
         users = list(node.users)
-        if len(users) != 1 or not isinstance(g.module_of(gm, users[0]), ActQuant):
+        joins = len(users) == 1 and g.is_addition(gm, users[0])
+        if not joins and (len(users) != 1 or not isinstance(g.module_of(gm, users[0]), ActQuant)):
             continue
-        quantizer = g.module_of(gm, users[0]).quantizer
+        quantizer = None if joins else g.module_of(gm, users[0]).quantizer
         bn = gm.get_submodule(node.target)
-        if not isinstance(quantizer, FixedPoint):  # the factor B is chosen for Q i.f's grid
+        if quantizer is not None and not isinstance(quantizer, FixedPoint):  # B is chosen for Q i.f's grid
             return (
                 {},
                 f"the activation quantizer after {node.target} is {type(quantizer).__name__}, not fixed point",
@@ -260,21 +264,22 @@ def _carriers(gm: fx.GraphModule, exclusive: set[str]) -> tuple[dict[str, FixedP
         if str(node.target) not in exclusive:
             return {}, f"{node.target} is called more than once or shares its parameters"
         found[node.name] = quantizer
-    if not found:
+    if all(q is None for q in found.values()):
         return {}, "no BatchNorm is followed by an activation quantizer (after_norm placement)"
     return found, ""
 
 
-def _choose_factor(gm: fx.GraphModule, carriers: dict[str, FixedPoint]) -> tuple[float | None, str]:
+def _choose_factor(gm: fx.GraphModule, carriers: dict[str, FixedPoint | None]) -> tuple[float | None, str]:
     nodes = {n.name: n for n in gm.graph.nodes}
     peak, target = 0.0, math.inf
     for name, quantizer in carriers.items():
         bn = gm.get_submodule(nodes[name].target)
         gamma, beta = bn.weight.detach().double(), bn.bias.detach().double()
-        # a signed grid must hold the low tail too
-        center = beta.abs() if quantizer.signed else beta
+        # a signed grid must hold the low tail too; an addition's operand may be negative
+        center = beta.abs() if quantizer is None or quantizer.signed else beta
         peak = max(peak, float((center + PEAK_Z * gamma.abs()).max()))
-        target = min(target, _activation_target(quantizer))
+        if quantizer is not None:
+            target = min(target, _activation_target(quantizer))
     if not peak > 0:
         return None, f"no BatchNorm channel has a positive estimated peak (beta + {PEAK_Z} |gamma|)"
     factor = target / peak

@@ -103,6 +103,13 @@ def test_percentile_ranges_equal_torch_quantile_without_sorting(size, row, kind,
         assert ranges.quantile(values, q) == float(torch.quantile(values.double(), q))
 
 
+def test_quantile_and_extremes_name_what_is_wrong():
+    with pytest.raises(qseg.DataError, match="k must be in 1..3"):
+        ranges.extremes(torch.zeros(3), 4)
+    with pytest.raises(qseg.DataError, match="at least one value"):
+        ranges.quantile(torch.zeros(0), 0.5)
+
+
 def test_calibrate_restores_the_model_and_uses_at_most_the_given_batches():
     q = qseg.prepare(unet(), W8A8, example_inputs=torch.rand(1, 1, 32, 32)).train()
     before = act_quantizers(q)

@@ -182,6 +182,35 @@ def test_a_float_layer_divides_its_weight_when_its_input_must_stay_scaled():
         assert relative_error(e, g) < 1e-5
 
 
+class ResidualBlock(nn.Module):
+    """A ResNet block: b2 only feeds the addition, so prepare quantizes the sum, not b2."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c0, self.b0 = nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.c1, self.b1 = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.c2, self.b2 = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.c3, self.b3 = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.head = nn.Conv2d(4, 1, 1)
+
+    def forward(self, x):
+        x = torch.relu(self.b0(self.c0(x)))
+        y = self.b2(self.c2(torch.relu(self.b1(self.c1(x)))))
+        return self.head(torch.relu(self.b3(self.c3(torch.relu(x + y)))))
+
+
+def test_a_batchnorm_that_only_feeds_an_addition_carries_the_factor_like_the_skip():
+    model, x = randomize(ResidualBlock()).eval(), torch.randn(2, 1, 8, 8)
+    q = qseg.prepare(model, recipe(), example_inputs=x)
+    assert "b2" not in {a.after for a in q.qseg_report.activations}
+    plan = plan_rescale(qseg.prepare(model, recipe(on=False), example_inputs=x))
+    # without b2 the addition would join x * B and an unscaled y: nothing could be rescaled
+    assert plan.factor is not None and set(plan.affine_scale) == {"b0", "b1", "b2"}
+    assert plan.unscaled == ("b3",)  # it only feeds the float head
+    expected, got, _, _ = float_outputs(model, q, x, "eval")
+    assert relative_error(expected, got) < 1e-5
+
+
 def test_activations_are_never_shrunk():
     model = randomize(PaperUNet(widths=(4, 8, 8, 8)), gamma=(20.0, 21.0)).eval()  # peaks above 62
     x = torch.randn(1, 1, 16, 16)
