@@ -444,6 +444,16 @@ def is_addition(gm: fx.GraphModule, node: fx.Node) -> bool:
     return _is(gm, node, (), ADD_FUNCTIONS, ADD_METHODS) and len(tensors) == 2
 
 
+def only_addition_user(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
+    """The addition that is ``node``'s only use, or None.
+
+    A BatchNorm used this way gets no quantizer of its own (``prepare``'s policy): the sum is
+    quantized where a quantized layer reads it, and ``rescale`` counts it as a carrier.
+    """
+    users = list(node.users)
+    return users[0] if len(users) == 1 and is_addition(gm, users[0]) else None
+
+
 @dataclass(frozen=True)
 class WeightedLayer:
     """A conv, transposed conv or linear layer in the graph.

@@ -127,8 +127,8 @@ def _after_norm_sites(gm: fx.GraphModule, decisions: list[LayerDecision], plan_:
         if g.is_batch_norm(gm, node):
             source = node.args[0] if node.args else None
             owner = by_node.get(source.name) if isinstance(source, fx.Node) else None
-            (user, *others) = node.users or (None,)
-            if user is not None and not others and g.is_addition(gm, user):
+            user = g.only_addition_user(gm, node)
+            if user is not None:
                 # the sum leaves any grid: it gets its own quantizer where a quantized layer
                 # reads it. One here would round twice, and OpenVINO's CPU plugin drops it
                 # when it fuses the conv with the addition (docs/export.md)

@@ -85,8 +85,7 @@ _HOMOGENEOUS_FUNCTIONS = (
 )
 _HOMOGENEOUS_METHODS = ("relu", *g.RESHAPE_METHODS, "transpose", "view_as", "reshape_as")
 # ops whose tensor inputs must all carry the same factor, which the output then carries
-_JOINING_FUNCTIONS = (torch.cat, torch.concat, torch.stack, operator.add, torch.add)
-_JOINING_METHODS = ("add",)
+_CONCATENATIONS = (torch.cat, torch.concat, torch.stack)
 # ops that read a tensor's shape or type, never its values
 _SHAPE_METHODS = ("size", "dim", "numel", "type", "get_device")
 
@@ -249,7 +248,7 @@ def _carriers(gm: fx.GraphModule, exclusive: set[str]) -> tuple[dict[str, FixedP
         if not (node.op == "call_module" and isinstance(gm.get_submodule(node.target), g.BATCH_NORMS)):
             continue
         users = list(node.users)
-        joins = len(users) == 1 and g.is_addition(gm, users[0])
+        joins = g.only_addition_user(gm, node) is not None
         if not joins and (len(users) != 1 or not isinstance(g.module_of(gm, users[0]), ActQuant)):
             continue
         quantizer = None if joins else g.module_of(gm, users[0]).quantizer
@@ -314,16 +313,15 @@ def _reads_shape(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target is getattr
 
 
-def _joins(node: fx.Node) -> bool:
-    function = node.op == "call_function" and node.target in _JOINING_FUNCTIONS
-    if not function and not (node.op == "call_method" and node.target in _JOINING_METHODS):
+def _joins(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """``node`` adds or concatenates tensors only: scaling them all by s scales it by s. A constant
+    operand (x + 1, or a buffer) would not be scaled along."""
+    if g.is_addition(gm, node):
+        return True
+    if not (node.op == "call_function" and node.target in _CONCATENATIONS):
         return False
-    # a constant operand (x + 1) would not be scaled along
-    if node.target in (torch.cat, torch.concat, torch.stack):
-        operands = node.args[0] if node.args else node.kwargs.get("tensors", ())
-    else:
-        operands = (*node.args, *(v for k, v in node.kwargs.items() if k == "other"))
-    return all(isinstance(a, fx.Node) for a in operands)
+    operands = node.args[0] if node.args else node.kwargs.get("tensors", ())
+    return all(isinstance(a, fx.Node) and a.op != "get_attr" for a in operands)
 
 
 def _describe(gm: fx.GraphModule, node: fx.Node) -> str:
@@ -400,7 +398,7 @@ def _propagate(
                     f"{_describe(gm, node)} mixes a tensor scaled by B into an argument other than its input",
                 )
             out = scale[first.name]
-        elif _joins(node):
+        elif _joins(gm, node):
             factors = {scale.get(i.name, 1.0) for i in inputs}
             if len(factors) != 1:
                 return None, f"{_describe(gm, node)} joins tensors with different scales"

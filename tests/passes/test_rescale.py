@@ -232,10 +232,13 @@ class SideOutput(nn.Module):
         self.c2, self.b2 = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
         self.c3, self.b3 = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
         self.head = nn.Conv2d(4, 1, 1)
+        self.register_buffer("offset", torch.full((1, 4, 1, 1), 0.5))
 
     def forward(self, x):
         y = torch.relu(self.b1(self.c1(x)))
         z = torch.relu(self.b2(self.c2(y)))
+        if self.tail == "buffer":
+            return self.head(torch.relu(self.b3(self.c3(z + self.offset))))  # a tensor, but not scaled
         if self.tail == "add":
             return self.head(torch.relu(self.b3(self.c3(z + x))))  # an add of B and 1
         if self.tail == "constant":
@@ -251,6 +254,7 @@ class SideOutput(nn.Module):
         ("output", "the graph output cannot take"),
         ("add", "joins tensors with different scales"),
         ("constant", "add (add) cannot take"),
+        ("buffer", "add (add) cannot take"),
     ],
 )
 def test_activation_rescale_is_skipped_with_the_reason(tail, why):

@@ -32,8 +32,9 @@ def check_invariants(qmodel: nn.Module, first: set[str] | None = None, last: set
     for node in qmodel.graph.nodes:
         if g.is_batch_norm(qmodel, node) and feeds[node.name]:
             users = list(node.users)
-            if len(users) == 1 and g.is_addition(qmodel, users[0]):  # the sum is quantized instead
-                note = f"no quantizer after {node.name}: it only feeds the addition {users[0].name}"
+            addition = g.only_addition_user(qmodel, node)
+            if addition is not None:  # the sum is quantized instead
+                note = f"no quantizer after {node.name}: it only feeds the addition {addition.name}"
                 assert any(note in n for n in report.notes), f"{node.name}: the report does not say why"
                 continue
             assert len(users) == 1 and isinstance(g.module_of(qmodel, users[0]), ActQuant), (
