@@ -17,7 +17,9 @@ float model is exported as an OpenVINO float IR. Rows, all with overlap 0.25, Ga
 - (a) MONAI ``sliding_window_inference`` on the float PyTorch model (``sw_batch_size=4``);
 - (b) ``qseg.predict`` on the OpenVINO float IR (f32, throughput hint, async requests);
 - (c) ``qseg.predict`` on qseg's int8 IR (the same);
-- (d) the int8 IR compiled with the latency hint: one infer request in flight at a time.
+- (d) the int8 IR compiled with the latency hint: one infer request in flight at a time;
+- (e) as (d) on one thread: asynchronous requests on ``n`` threads can at best run ``n``
+  one-thread requests side by side, so ``n x (e) / (d)`` bounds what (c) can gain over (d).
 
 Each row runs in its own process (spawned), which compiles its model, runs once on the input to
 warm up and then times a second run; peak memory is that process's peak resident set (it
@@ -56,6 +58,7 @@ ROWS = {
     "b": "qseg.predict, OpenVINO float IR",
     "c": "qseg.predict, qseg int8 IR",
     "d": "qseg.predict, int8 IR, one request at a time",
+    "e": "qseg.predict, int8 IR, one request at a time, one thread",
 }
 
 
@@ -115,7 +118,7 @@ def run_row(row: str, folder: str, image: np.ndarray, roi: tuple[int, ...], thre
         from qseg.exporters import compile_openvino
 
         xml = folder / ("float.xml" if row == "b" else "int8.xml")
-        hint = "LATENCY" if row == "d" else "THROUGHPUT"
+        hint = "LATENCY" if row in ("d", "e") else "THROUGHPUT"
         compiled = compile_openvino(
             xml, threads=threads, config={"PERFORMANCE_HINT": hint}, shapes=[(BATCH, image.shape[0], *roi)]
         )
@@ -161,7 +164,9 @@ def main() -> None:
             print()
             print("| row | Mvoxel/s | vs (a) | vs (b) | peak RSS MB |")
             print("|---|---|---|---|---|")
-            results = {row: measure(row, folder, image, roi, args.threads) for row in ROWS}
+            results = {
+                row: measure(row, folder, image, roi, 1 if row == "e" else args.threads) for row in ROWS
+            }
             for row, (seconds, peak) in results.items():
                 print(
                     f"| ({row}) {ROWS[row]} | {voxels / seconds / 1e6:.2f} | {results['a'][0] / seconds:.2f}x | "
@@ -169,7 +174,9 @@ def main() -> None:
                     flush=True,
                 )
             async_gain = results["d"][0] / results["c"][0]
+            bound = args.threads * results["d"][0] / results["e"][0]
             print(f"\nasync (c) vs one request at a time (d): {async_gain:.2f}x")
+            print(f"the most async requests could gain over (d), {args.threads} x (e) / (d): {bound:.2f}x")
 
 
 if __name__ == "__main__":

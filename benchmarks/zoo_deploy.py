@@ -3,7 +3,8 @@ ranges from data), convert, QDQ ONNX and OpenVINO IR, parity of both runtimes ag
 converted model, and the convs OpenVINO executes in int8.
 
 Each model is built seeded (``tests/zoo/catalog.py``) with random weights, calibrated on
-two random batches of its example's shape, and compared on its example input. One row per
+two random batches of its example's shape, and compared on its example input, by the same
+steps ``tests/zoo/test_zoo_deploy.py`` checks (``tests/zoo/deploy.py``). One row per
 model: capture path, quantized layers, convs OpenVINO runs ``u8``/``i8`` out of all its
 convolutions (any kind: plain, grouped, transposed), the largest |converted - prepared|,
 each runtime's parity verdict (``qseg.exporters.parity``), seconds.
@@ -32,14 +33,10 @@ from zoo import tv_shim
 
 tv_shim.install()
 
-from zoo.catalog import available, first_tensor, zoo  # noqa: E402
+from zoo.catalog import available, zoo  # noqa: E402
+from zoo.deploy import deploy  # noqa: E402
 
-import qseg  # noqa: E402
-from qseg.calibrate import calibrated_quantizers  # noqa: E402
-from qseg.exporters.parity import ParityResult, check_parity  # noqa: E402
-from qseg.runtime import runtime_precisions  # noqa: E402
-
-CONVS = ("Convolution", "GroupConvolution", "Deconvolution", "GroupDeconvolution")
+from qseg.exporters.parity import ParityResult  # noqa: E402
 
 
 def verdict(result: ParityResult) -> str:
@@ -56,25 +53,11 @@ def verdict(result: ParityResult) -> str:
     return cell
 
 
-def deploy(entry, recipe: str, folder: Path) -> str:
-    torch.manual_seed(0)
-    model, x = entry.factory().eval(), entry.example()
-    qmodel = qseg.prepare(model, recipe, example_inputs=x)
-    if calibrated_quantizers(qmodel):
-        gen = torch.Generator().manual_seed(1)
-        qseg.calibrate(qmodel, [torch.randn(x.shape, generator=gen) for _ in range(2)], progress=False)
-    qmodel.eval()
-    converted = qseg.convert(qmodel, example_inputs=x)
-    with torch.no_grad():
-        drift = (first_tensor(qmodel(x)) - first_tensor(converted(x))).abs().max().item()
-    onnx_path = qseg.export_onnx(converted, x, folder / "m.onnx")
-    ir_path = qseg.export_openvino(converted, x, folder / "m.xml")
-    results = check_parity(converted, x, onnx_path, ir_path)
-    precisions = runtime_precisions(ir_path, layer_types=CONVS)
-    int8 = sum(p.precision in ("u8", "i8") for p in precisions)
-    path = "FX" if isinstance(qmodel, torch.fx.GraphModule) else "fallback"
-    verdicts = " | ".join(verdict(r) for r in results)
-    return f"{path} | {len(qmodel.qseg_report.quantized_layers)} | {int8}/{len(precisions)} | {drift:.3g} | {verdicts}"
+def row(entry, recipe: str, folder: Path) -> str:
+    d = deploy(entry, recipe, folder)
+    verdicts = " | ".join(verdict(r) for r in d.results)
+    quantized = len(d.qmodel.qseg_report.quantized_layers)
+    return f"{d.path} | {quantized} | {d.int8}/{len(d.precisions)} | {d.drift:.3g} | {verdicts}"
 
 
 def main() -> None:
@@ -104,10 +87,10 @@ def main() -> None:
         start = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
             try:
-                row = deploy(entry, args.recipe, Path(tmp))
+                line = row(entry, args.recipe, Path(tmp))
             except Exception as exc:  # a failing model is a row of the table, not the end of the run
-                row = f"FAILED: {type(exc).__name__}: {str(exc).splitlines()[0][:120]} ||||||"
-        print(f"| {name} | {row} | {time.perf_counter() - start:.0f} |", flush=True)
+                line = f"FAILED: {type(exc).__name__}: {str(exc).splitlines()[0][:120]} ||||||"
+        print(f"| {name} | {line} | {time.perf_counter() - start:.0f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -112,6 +112,11 @@ def folded(
     w_scale = spec.scale.to(torch.float64)
     if spec.axis is None:
         w_scale = w_scale.expand(out_channels).clone()
+    if out_axis == 1 and layer.groups > 1:
+        # a grouped transposed conv's weight holds C_out / groups channels along axis 1, each
+        # read by every group: one scale per output channel, group by group
+        w_scale = w_scale.repeat(layer.groups)
+        out_channels *= layer.groups
     zeros = torch.zeros(out_channels, dtype=torch.float64, device=weight.device)
     bias = layer.bias.detach().double() if layer.bias is not None else zeros
     if norm is None:

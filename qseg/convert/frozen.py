@@ -20,6 +20,7 @@ from torch import nn
 
 import qseg.ops  # noqa: F401  (registers torch.ops.qseg.*)
 from qseg.accumulator import folded, on_accumulator_grid
+from qseg.convert.phases import Phases, as_phases, interleave, supported
 from qseg.convert.report import ConvertReport
 from qseg.errors import ExportError
 from qseg.nn import QUANTIZED, ActQuant
@@ -117,11 +118,14 @@ class FrozenLayer(nn.Module):
         bias: torch.Tensor,
         params: dict,
         in_grid: tuple[float, int, int] | None = None,
+        phases: Phases | None = None,
     ) -> None:
         super().__init__()
         self.kind = kind  # conv | conv_transpose | linear
         self.params = params
-        self.axis = 1 if kind == "conv_transpose" else 0
+        # a transposed conv with phases holds its phase conv's codes and conv params
+        self.phases = phases
+        self.axis = 1 if kind == "conv_transpose" and phases is None else 0
         self.register_buffer("codes", codes.to(_narrowest_int(int(codes.min()), int(codes.max()))))
         self.register_buffer("w_scale", w_scale.to(torch.float32).contiguous())
         self.in_grid = in_grid
@@ -155,8 +159,9 @@ class FrozenLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.params
+        dims = self.codes.dim() - 2
         if self.in_grid is not None:
-            return torch.ops.qseg.qconv(
+            y = torch.ops.qseg.qconv(
                 x,
                 self.codes,
                 self.w_scale,
@@ -169,21 +174,29 @@ class FrozenLayer(nn.Module):
                 p["dilation"],
                 p["groups"],
             )
-        w = self.weight()
-        if self.kind == "linear":
-            return F.linear(x, w, self.bias)
-        dims = self.codes.dim() - 2
-        if self.kind == "conv":
+        elif self.kind == "linear":
+            return F.linear(x, self.weight(), self.bias)
+        elif self.kind == "conv" or self.phases is not None:
             conv = (F.conv1d, F.conv2d, F.conv3d)[dims - 1]
-            return conv(x, w, self.bias, p["stride"], p["padding"], p["dilation"], p["groups"])
-        conv_t = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[dims - 1]
-        return conv_t(
-            x, w, self.bias, p["stride"], p["padding"], p["output_padding"], p["groups"], p["dilation"]
-        )
+            y = conv(x, self.weight(), self.bias, p["stride"], p["padding"], p["dilation"], p["groups"])
+        else:
+            conv_t = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[dims - 1]
+            return conv_t(
+                x,
+                self.weight(),
+                self.bias,
+                p["stride"],
+                p["padding"],
+                p["output_padding"],
+                p["groups"],
+                p["dilation"],
+            )
+        return y if self.phases is None else interleave(y, self.phases)
 
     def extra_repr(self) -> str:
         mode = f"integer, input scale {self.in_grid[0]}" if self.in_grid else "float input"
-        return f"{self.kind}, codes {self.codes.dtype} {tuple(self.codes.shape)}, {mode}"
+        phases = f", as a conv over {math.prod(self.phases.strides)} phases" if self.phases else ""
+        return f"{self.kind}{phases}, codes {self.codes.dtype} {tuple(self.codes.shape)}, {mode}"
 
 
 class FrozenWeight(nn.Module):
@@ -364,12 +377,30 @@ def freeze_layer(
     if in_scale is not None:
         # what the prepared layer adds in eval mode and an int8 kernel adds (qseg/accumulator.py)
         bias = on_accumulator_grid(bias, in_scale, w_scale)
+    params, phases = _params(module), None
     if in_grid is not None:
         # the runtimes run int8 kernels for any 8-bit input grid, integer conv here or not
         _warn_int8_kernel_limits(name, in_grid, codes, report)
-    if in_grid is not None and (kind != "conv" or not _is_power_of_two(in_grid[0])):
+    if kind == "conv_transpose" and (in_grid is not None or params["groups"] > 1):
+        # OpenVINO runs a transposed conv int8 only on a grid without a zero point; as an
+        # ordinary conv over its phases it runs int8 on any grid (qseg/convert/phases.py). A
+        # grouped one takes that form on any input: its folded scales differ group by group,
+        # and its weight holds one slice along the channel axis for all groups
+        if not supported(params):
+            if params["groups"] > 1:
+                raise ExportError(
+                    f"layer {name}: convert does not support a grouped, dilated transposed conv"
+                )
+            report.warnings.append(
+                f"{name}: a dilated transposed conv has no phase form here; OpenVINO runs it in float "
+                "where its input grid has a zero point"
+            )
+        else:
+            codes, w_scale, bias, params, phases = as_phases(codes, w_scale, bias, params)
+            report.phase_layers.append(name)
+    if in_grid is not None and ((kind != "conv" and phases is None) or not _is_power_of_two(in_grid[0])):
         in_grid = None
-    frozen = FrozenLayer(kind, codes, w_scale.float(), bias.float(), _params(module), in_grid)
+    frozen = FrozenLayer(kind, codes, w_scale.float(), bias.float(), params, in_grid, phases)
     if in_grid is None:
         report.float_input_layers.append(name)
         return frozen

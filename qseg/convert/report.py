@@ -15,6 +15,8 @@ class ConvertReport:
     ``float_input_layers`` keep integer weights but read a float input,
     ``grid_layers`` keep float weights on a non-uniform grid (INQ);
     ``frozen_weights`` are the weight quantizers of functional layers, frozen to codes;
+    ``phase_layers`` are transposed convs computed as an ordinary conv over their output
+    phases (``qseg/convert/phases.py``), so that int8 runtimes run them as int8 convs;
     ``folded_norms`` are the BatchNorms folded into the conv before them,
     ``removed_relus`` the ReLUs dropped after an unsigned quantizer, and
     ``warnings`` flag integer kernels that may saturate or lose exactness.
@@ -33,6 +35,7 @@ class ConvertReport:
         quantized weights, float input: -
         float weights on a non-uniform grid: -
         functional layers' weights frozen: -
+        transposed convs as phase convs: -
         BatchNorms folded: 1; ReLUs removed: 2
         >>> report.folded_norms
         ['4']
@@ -42,6 +45,7 @@ class ConvertReport:
     float_input_layers: list[str] = field(default_factory=list)
     grid_layers: list[str] = field(default_factory=list)
     frozen_weights: list[str] = field(default_factory=list)
+    phase_layers: list[str] = field(default_factory=list)
     folded_norms: list[str] = field(default_factory=list)
     removed_relus: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
@@ -52,6 +56,7 @@ class ConvertReport:
             f"quantized weights, float input: {', '.join(self.float_input_layers) or '-'}",
             f"float weights on a non-uniform grid: {', '.join(self.grid_layers) or '-'}",
             f"functional layers' weights frozen: {', '.join(self.frozen_weights) or '-'}",
+            f"transposed convs as phase convs: {', '.join(self.phase_layers) or '-'}",
             f"BatchNorms folded: {len(self.folded_norms)}; ReLUs removed: {len(self.removed_relus)}",
         ]
         lines += [f"warning: {w}" for w in self.warnings]
