@@ -110,6 +110,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from machine import cpu_name  # benchmarks/machine.py (scripts run from this folder)
+from profiling import profile_line, profile_openvino  # benchmarks/profiling.py
 from torch import nn
 
 import qseg
@@ -536,33 +537,6 @@ def parity_line(
     return "; ".join(parts)
 
 
-def profile_openvino(
-    xml: Path, x: np.ndarray, threads: int, iterations: int = 5
-) -> dict[tuple[str, str], float]:
-    """Mean ms per (op type, kernel) over ``iterations`` runs after one warm-up run,
-    from OpenVINO's per-node performance counters."""
-    config = {"PERFORMANCE_HINT": "LATENCY", "PERF_COUNT": True}
-    request = compile_openvino(xml, threads=threads, config=config, shapes=[x.shape]).create_infer_request()
-    request.infer({0: x})
-    totals: Counter[tuple[str, str]] = Counter()
-    for _ in range(iterations):
-        request.infer({0: x})
-        for p in request.profiling_info:
-            if p.status == p.Status.EXECUTED:
-                totals[(p.node_type, p.exec_type)] += 1e3 * p.real_time.total_seconds() / iterations
-    return dict(totals)
-
-
-def profile_line(name: str, profile: dict[tuple[str, str], float]) -> str:
-    total = sum(profile.values())
-    conv = sum(ms for (op, _), ms in profile.items() if op == "Convolution")
-    others = sorted(
-        ((ms, op, kernel) for (op, kernel), ms in profile.items() if op != "Convolution"), reverse=True
-    )
-    shown = ", ".join(f"{op} {kernel} {ms:.1f}" for ms, op, kernel in others[:5] if ms >= 0.5) or "-"
-    return f"  {name:<30} total {total:6.1f} ms, convolutions {conv:6.1f} ms, other {total - conv:5.1f} ms: {shown}"
-
-
 def verdict(ok: bool) -> str:
     return "PASS" if ok else "MISS"
 
@@ -786,6 +760,11 @@ def nnunet3d_section(args: argparse.Namespace, out: Path) -> None:
     interleave(variants, args.runs3d, args.warmup3d, PAUSE_S)
     print()
     print_table(variants, fp32_weight_bytes)
+    print()
+    print("## where OpenVINO spends the time (per-node performance counters, mean of 5 runs)")
+    profiled = (("OpenVINO FP32 IR", float_xml), ("qseg IR int8", qseg_xml), ("NNCF int8 IR", nncf_xml))
+    for name, xml in profiled:
+        print(profile_line(name, profile_openvino(xml, x_np, args.threads)))
     print()
     print("## parity of qseg's IR against the converted PyTorch model (check_parity, OpenVINO exact=True)")
     print(f"  {'; '.join(str(r) for r in check_parity(converted, x, None, qseg_xml, args.threads))}")

@@ -21,6 +21,10 @@ float model is exported as an OpenVINO float IR. Rows, all with overlap 0.25, Ga
 - (e) as (d) on one thread: asynchronous requests on ``n`` threads can at best run ``n``
   one-thread requests side by side, so ``n x (e) / (d)`` bounds what (c) can gain over (d).
 
+Then where the time of one call goes, from OpenVINO's per-layer counters (``PERF_COUNT``) on
+the float and the int8 IR (``profiling.py``: one request, ``n`` threads, mean of 5 calls after
+one): the convolutions against everything else, which bounds what (c) can gain over (b).
+
 Each row runs in its own process (spawned), which compiles its model, runs once on the input to
 warm up and then times a second run; peak memory is that process's peak resident set (it
 includes Python, torch and the runtime). The models are untrained, so their masks say nothing:
@@ -45,6 +49,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from machine import cpu_name  # benchmarks/machine.py (scripts run from this folder)
+from profiling import convolution_ms, profile_line, profile_openvino  # benchmarks/profiling.py
 from torch import nn
 
 import qseg
@@ -177,6 +182,19 @@ def main() -> None:
             bound = args.threads * results["d"][0] / results["e"][0]
             print(f"\nasync (c) vs one request at a time (d): {async_gain:.2f}x")
             print(f"the most async requests could gain over (d), {args.threads} x (e) / (d): {bound:.2f}x")
+            x = np.random.default_rng(0).standard_normal((BATCH, image.shape[0], *roi)).astype(np.float32)
+            profiles = {
+                name: profile_openvino(folder / f"{name}.xml", x, args.threads) for name in ("float", "int8")
+            }
+            conv = {name: convolution_ms(p) for name, p in profiles.items()}
+            rest = {name: sum(p.values()) - conv[name] for name, p in profiles.items()}
+            print(
+                f"\nms per call of {BATCH} windows (one request): convolutions f32 {conv['float']:.0f}, int8 "
+                f"{conv['int8']:.0f} ({conv['float'] / conv['int8']:.2f}x); the rest f32 {rest['float']:.0f}, "
+                f"int8 {rest['int8']:.0f}"
+            )
+            for name in ("float", "int8"):
+                print(profile_line(f"{name} IR", profiles[name]))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ Each model is built seeded (``tests/zoo/catalog.py``) with random weights, calib
 two random batches of its example's shape, and compared on its example input, by the same
 steps ``tests/zoo/test_zoo_deploy.py`` checks (``tests/zoo/deploy.py``). One row per
 model: capture path, quantized layers, convs OpenVINO runs ``u8``/``i8`` out of all its
-convolutions (any kind: plain, grouped, transposed), the largest |converted - prepared|,
+convolutions (any kind: plain, grouped, transposed), the share of the converted model's outputs
+within one step of the prepared model's and their largest difference,
 each runtime's parity verdict (``qseg.exporters.parity``), seconds.
 
 Run: ``python benchmarks/zoo_deploy.py [--recipe int8] [--models monai.,smp.Unet]``
@@ -57,7 +58,10 @@ def row(entry, recipe: str, folder: Path) -> str:
     d = deploy(entry, recipe, folder)
     verdicts = " | ".join(verdict(r) for r in d.results)
     quantized = len(d.qmodel.qseg_report.quantized_layers)
-    return f"{d.path} | {quantized} | {d.int8}/{len(d.precisions)} | {d.drift:.3g} | {verdicts}"
+    a = d.agreement
+    return (
+        f"{d.path} | {quantized} | {d.int8}/{len(d.precisions)} | {a.within:.2%}, {a.drift:.3g} | {verdicts}"
+    )
 
 
 def main() -> None:
@@ -73,7 +77,7 @@ def main() -> None:
     wanted = [w for w in args.models.split(",") if w]
     print(f"# {cpu_name()}; torch {torch.__version__}; recipe {args.recipe}")
     print(
-        "| model | path | quantized layers | OpenVINO int8 convs | max |converted - prepared| | onnxruntime | OpenVINO | s |"
+        "| model | path | quantized layers | OpenVINO int8 convs | converted vs prepared: share within one step, max diff | onnxruntime | OpenVINO | s |"
     )
     print("|---|---|---|---|---|---|---|---|")
     for name, entry in zoo().items():

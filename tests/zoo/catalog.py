@@ -187,6 +187,24 @@ def _monai_entries() -> dict[str, Entry]:
             x,
             **common,
         )
+        # MedNeXt: depthwise (grouped) convs, GroupNorm, GELU, residual blocks, transposed convs
+        out[f"monai.MedNeXt{d}d"] = Entry(
+            partial(
+                _monai,
+                "MedNeXt",
+                spatial_dims=d,
+                init_filters=8,
+                in_channels=1,
+                out_channels=2,
+                kernel_size=3,
+                use_residual_connection=True,
+                blocks_down=(1, 1, 1, 1),
+                blocks_bottleneck=1,
+                blocks_up=(1, 1, 1, 1),
+            ),
+            x,
+            **common,
+        )
     # FlexibleUNet in 2d only: the 3d efficientnet-b0 variant alone takes longer than all 2d ones
     flexible = partial(
         _monai, "FlexibleUNet", spatial_dims=2, in_channels=1, out_channels=2, pretrained=False
