@@ -5,7 +5,7 @@ activation quantizer is ``QuantizeLinear -> integer Clip -> DequantizeLinear``,
 the form its QLinearConv fusion needs. OpenVINO turns that Clip into a Convert,
 a Clamp and a Convert back that its low-precision passes cannot fuse into the
 convolutions (measured: about 12 % of the U-Net's latency). So the IR is
-converted from a copy of the ONNX graph rewritten in three exact steps
+converted from a copy of the ONNX graph rewritten in four exact steps
 (:func:`openvino_form`):
 
 1. a quantizer after a ``Concat`` moves onto the Concat's inputs that are not on
@@ -19,11 +19,28 @@ converted from a copy of the ONNX graph rewritten in three exact steps
    rounding is monotone and the bounds lie on the grid, so clamping before or
    after rounding gives the same codes.
 
+4. every ``InstanceNormalization`` and ``GroupNormalization`` reads its input plus
+   :data:`NORM_GUARD` (2^-100), which changes no float32 value of magnitude 2^-75 or
+   more.
+
 OpenVINO reads each ``Clip -> Q -> DQ`` as a Clamp and one FakeQuantize from 0,
 and fuses both into the producing convolution, as it does for NNCF's models.
 Other grids (signed codes) keep the integer Clip: OpenVINO would read their
 ``Q -> DQ`` as a FakeQuantize whose input range starts below 0, and computing
 ``x - low`` in float32 moves values next to a rounding tie onto it (measured).
+
+Step 4 keeps OpenVINO from changing a norm. Its low-precision pass moves a
+dequantization scale that reaches an MVN (the form both norms take there) to after
+it, and normalizes the unscaled integers with the same epsilon: the norm then
+computes ``(x - mean) / sqrt(var + eps * s**2)``, in effect eps = 0. It happens where
+the last op before the norm is a bare scale: a convolution without bias, a quantized
+MaxPool, an addition of two quantized tensors (measured on OpenVINO 2026.4: a norm
+whose variance is near eps kept 18 % of its model's outputs within one step, and
+nnU-Net's ResidualEncoderUNet, whose shortcut convs have no bias, lost 0.5 % of its
+pixels' classes at 4-bit weights). A constant added after the scale stops the move
+(the pass folds it into the dequantization as a subtraction, and a norm after one is
+left in float); a zero would be removed as a no-op, so the constant is the smallest
+power of two that changes nothing a norm could see.
 """
 
 from __future__ import annotations
@@ -32,23 +49,33 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["OpenVINOForm", "openvino_form"]
+__all__ = ["NORM_GUARD", "OpenVINOForm", "openvino_form"]
+
+#: What every norm's input gets added in the OpenVINO form (step 4 above): not zero, so
+#: OpenVINO keeps the addition, and below half an ulp of any float32 value of magnitude
+#: 2^-75 or more, so those values stay what they are.
+NORM_GUARD = 2.0**-100
+#: The ONNX norms OpenVINO computes as an MVN (InstanceNormalization directly,
+#: GroupNormalization after a reshape to its groups), where step 4 applies.
+GUARDED_NORMS = ("InstanceNormalization", "GroupNormalization")
 
 
 @dataclass(frozen=True)
 class OpenVINOForm:
     """What :func:`openvino_form` changed: quantizers moved onto a Concat's inputs,
-    quantizers dropped (their input was on their grid), and integer Clips moved
-    before their QuantizeLinear (grids whose lowest code is the zero point).
+    quantizers dropped (their input was on their grid), integer Clips moved
+    before their QuantizeLinear (grids whose lowest code is the zero point), and norms
+    that read their input plus :data:`NORM_GUARD`.
 
     Example:
-        >>> OpenVINOForm(moved_through_concat=3, dropped=13, clips_moved=17).dropped
+        >>> OpenVINOForm(moved_through_concat=3, dropped=13, clips_moved=17, norms_guarded=0).dropped
         13
     """
 
     moved_through_concat: int
     dropped: int
     clips_moved: int
+    norms_guarded: int
 
 
 @dataclass(frozen=True)
@@ -259,6 +286,26 @@ def _clip_before_quantize(graph: _QdqGraph) -> int:
     return moved
 
 
+def _guard_norms(graph: _QdqGraph) -> int:
+    from onnx import helper, numpy_helper
+
+    guarded = 0
+    nodes = []
+    for node in graph.nodes:
+        if node.op_type in GUARDED_NORMS:
+            if not guarded:
+                value = np.array(NORM_GUARD, dtype=np.float32)
+                graph.proto.graph.initializer.append(numpy_helper.from_array(value, "qseg_norm_guard"))
+            guarded += 1
+            name = f"{node.name or node.output[0]}__guarded"
+            nodes.append(helper.make_node("Add", [node.input[0], "qseg_norm_guard"], [name], name=name))
+            node.input[0] = name
+        nodes.append(node)
+    graph.nodes = nodes
+    graph.refresh()
+    return guarded
+
+
 def openvino_form(proto) -> OpenVINOForm:
     """Rewrite a QDQ ONNX model (an ``onnx.ModelProto``, in place) into the form
     OpenVINO fuses: the same values, fewer and fusable quantizers.
@@ -269,8 +316,10 @@ def openvino_form(proto) -> OpenVINOForm:
     grid; a quantizer whose input is already on its grid (the output of one on
     the same or a narrower grid, through MaxPool, Relu or Concat) is dropped; and on
     the remaining ones whose lowest code is the zero point, the integer Clip becomes
-    a float Clip before the QuantizeLinear. All
-    three are exact in ONNX semantics, so onnxruntime computes the same outputs
+    a float Clip before the QuantizeLinear; every InstanceNormalization and
+    GroupNormalization reads its input plus :data:`NORM_GUARD`, which keeps
+    OpenVINO from normalizing the unscaled integers with an unscaled epsilon. All
+    four are exact in ONNX semantics, so onnxruntime computes the same outputs
     from either graph; it only loses its QLinearConv fusion, which needs the
     integer Clip, so the file :func:`qseg.export_onnx` writes keeps its form.
 
@@ -293,7 +342,7 @@ def openvino_form(proto) -> OpenVINOForm:
         ... )
         >>> proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
         >>> openvino_form(proto)
-        OpenVINOForm(moved_through_concat=0, dropped=0, clips_moved=1)
+        OpenVINOForm(moved_through_concat=0, dropped=0, clips_moved=1, norms_guarded=0)
         >>> [n.op_type for n in proto.graph.node]
         ['Clip', 'QuantizeLinear', 'DequantizeLinear']
     """
@@ -305,5 +354,6 @@ def openvino_form(proto) -> OpenVINOForm:
     while _drop_one_redundant(graph):
         dropped += 1
     clips = _clip_before_quantize(graph)
+    norms = _guard_norms(graph)
     graph.commit()
-    return OpenVINOForm(moved, dropped, clips)
+    return OpenVINOForm(moved, dropped, clips, norms)

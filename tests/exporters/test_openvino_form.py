@@ -15,6 +15,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from onnx import TensorProto, helper
+from torch import nn
 
 import qseg
 from qseg.errors import ExportError
@@ -121,11 +122,11 @@ def test_clip_before_quantize_gives_the_same_codes_in_onnxruntime(case):
     info = np.iinfo(dtype)
     ops = [n.op_type for n in form_proto.graph.node]
     if info.min != zero:  # signed codes keep the integer Clip (see openvino_form)
-        assert form == OpenVINOForm(0, 0, 0) and ops == ["QuantizeLinear", "Clip", "DequantizeLinear"]
+        assert form == OpenVINOForm(0, 0, 0, 0) and ops == ["QuantizeLinear", "Clip", "DequantizeLinear"]
     elif (lo, hi) == (info.min, info.max):
-        assert form == OpenVINOForm(0, 0, 1) and ops == ["QuantizeLinear", "DequantizeLinear"]
+        assert form == OpenVINOForm(0, 0, 1, 0) and ops == ["QuantizeLinear", "DequantizeLinear"]
     else:
-        assert form == OpenVINOForm(0, 0, 1) and ops == ["Clip", "QuantizeLinear", "DequantizeLinear"]
+        assert form == OpenVINOForm(0, 0, 1, 0) and ops == ["Clip", "QuantizeLinear", "DequantizeLinear"]
     expected = run(proto, {"x": x})
     assert np.array_equal(run(form_proto, {"x": x}), expected)
     assert expected.min() >= (lo - zero) * np.float32(scale) and expected.max() <= (hi - zero) * np.float32(
@@ -145,7 +146,7 @@ def test_a_quantizer_after_concat_moves_onto_the_inputs_off_its_grid():
         nodes, {"a_in": [1, 2, 3], "b": [1, 2, 3]}, ("out", [1, 4, 3]), grid_constants("g", 0.25, 0, 0, 63)
     )
     form_proto, form = rewritten(proto)
-    assert form == OpenVINOForm(moved_through_concat=1, dropped=0, clips_moved=2)
+    assert form == OpenVINOForm(moved_through_concat=1, dropped=0, clips_moved=2, norms_guarded=0)
     concat = next(n for n in form_proto.graph.node if n.op_type == "Concat")
     producers = {o: n for n in form_proto.graph.node for o in n.output}
     assert concat.input[0] == "a" and producers[concat.input[1]].op_type == "DequantizeLinear"
@@ -208,7 +209,7 @@ def test_default_recipe_ir_fuses_every_activation_quantizer(tmp_path):
     form_proto, form = rewritten(onnx.load(str(onnx_path)))
     # three decoder concatenations; each of the 13 integer convs re-quantized an input
     # that was on its grid already; 17 quantizers remain (14 after BatchNorm, 3 upsampled)
-    assert form == OpenVINOForm(moved_through_concat=3, dropped=13, clips_moved=17)
+    assert form == OpenVINOForm(moved_through_concat=3, dropped=13, clips_moved=17, norms_guarded=0)
     x = torch.randn(2, 1, 40, 48)
     assert np.array_equal(run(form_proto, {"x": x.numpy()}), run(onnx.load(str(onnx_path)), {"x": x.numpy()}))
 
@@ -304,3 +305,73 @@ def test_compile_openvino_refuses_shapes_that_do_not_fit(tmp_path):
         compile_openvino(onnx_path, shapes=[(1, 1, 8, 8), (1, 1, 8, 8)])
     with pytest.raises(ExportError, match=r"input shapes \[\(1, 3, 8, 8\)\]"):
         compile_openvino(onnx_path, shapes=[(1, 3, 8, 8)])
+
+
+def _small(conv: nn.Conv2d) -> nn.Conv2d:
+    """``conv`` with weights and bias scaled by 0.01: the norm after it sees a variance
+    near its epsilon, where the epsilon decides the output."""
+    with torch.no_grad():
+        conv.weight.mul_(0.01)
+        if conv.bias is not None:
+            conv.bias.mul_(0.01)
+    return conv
+
+
+class _QuantizedAdd(nn.Module):
+    """Two quantized branches added, then a GroupNorm: a pre-activation residual join."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = _small(nn.Conv2d(3, 8, 3, padding=1)), _small(nn.Conv2d(3, 8, 1))
+        self.norm, self.head = nn.GroupNorm(2, 8), nn.Conv2d(8, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        joined = torch.relu(self.a(x)) + torch.relu(self.b(x))
+        return self.head(nn.functional.leaky_relu(self.norm(joined)))
+
+
+def _bias_free_conv_then_norm() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.LeakyReLU(),
+        _small(nn.Conv2d(8, 8, 3, padding=1, bias=False)),
+        nn.InstanceNorm2d(8, affine=True),
+        nn.LeakyReLU(),
+        nn.Conv2d(8, 2, 1),
+    )
+
+
+def _quantized_pool_then_norm() -> nn.Module:
+    return nn.Sequential(
+        _small(nn.Conv2d(3, 8, 3, padding=1)),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.InstanceNorm2d(8, affine=True),
+        nn.LeakyReLU(),
+        nn.Conv2d(8, 2, 1),
+    )
+
+
+@pytest.mark.parametrize(
+    "build",
+    [_bias_free_conv_then_norm, _quantized_pool_then_norm, _QuantizedAdd],
+    ids=["bias-free conv, InstanceNorm", "quantized MaxPool, InstanceNorm", "quantized add, GroupNorm"],
+)
+def test_openvino_keeps_the_epsilon_of_a_norm_after_a_bare_scale(build, tmp_path):
+    """A norm whose input ends in a dequantization scale and whose variance is near its
+    epsilon: without the guard, OpenVINO 2026.4 normalizes the unscaled integers with the
+    same epsilon, and 18-40 % of these models' outputs stayed within one step."""
+    torch.manual_seed(0)
+    model = build()
+    x = torch.randn(1, 3, 32, 32)
+    q = qseg.prepare(model, "int8", example_inputs=x)
+    qseg.calibrate(q, [x, torch.randn(1, 3, 32, 32)], progress=False)
+    c = qseg.convert(q.eval())
+    onnx_path = export_onnx(c, x, tmp_path / "m.onnx", dynamic=False)
+    _, form = rewritten(onnx.load(str(onnx_path)))
+    assert form.norms_guarded == 1
+    onnx_result, openvino_result = check_parity(
+        c, x, onnx_path, openvino_from_onnx(onnx_path, tmp_path / "m.xml")
+    )
+    assert onnx_result.max_abs_diff <= onnx_result.step, onnx_result
+    assert openvino_result.max_abs_diff <= openvino_result.step, openvino_result
