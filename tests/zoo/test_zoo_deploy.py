@@ -1,5 +1,6 @@
-"""Every capturable model of the zoo the whole way with ``int8`` (``tests/zoo/deploy.py``):
-prepare, calibrate, ``convert`` without inputs, QDQ ONNX and OpenVINO IR, then
+"""Every capturable model of the zoo the whole way with each of the calibrated recipes,
+``int8`` and ``w4a8`` (``tests/zoo/deploy.py``): prepare, calibrate, ``convert`` without
+inputs, QDQ ONNX and OpenVINO IR, then
 
 * the converted model computes what the prepared one computes (``Agreement.check``: within
   one activation step on 99.9 % of outputs, or within what float rounding alone moves it);
@@ -7,8 +8,9 @@ prepare, calibrate, ``convert`` without inputs, QDQ ONNX and OpenVINO IR, then
 * OpenVINO runs every convolution of the file in int8, transposed ones included, but at most
   as many as the report's notes say have no input grid.
 
-The models of ``SAMPLE`` (one per family and structure) run in the fast tier, the rest are
-``slow``. ``benchmarks/zoo_deploy.py`` prints the same steps as a table.
+With ``int8`` the models of ``SAMPLE`` (one per family and structure) run in the fast tier,
+the rest are ``slow``; with ``w4a8`` (calibrated only: QAT changes scales, not the graph)
+every model is ``slow``. ``benchmarks/zoo_deploy.py`` prints the same steps as a table.
 """
 
 from __future__ import annotations
@@ -27,13 +29,16 @@ ENTRIES = {name: entry for name, entry in zoo().items() if entry.capturable}
 NO_INPUT_GRID = "no input quantizer before a functional layer"
 
 
-@pytest.mark.parametrize(
-    "name", [name if name in SAMPLE else pytest.param(name, marks=pytest.mark.slow) for name in ENTRIES]
-)
-def test_zoo_model_runs_int8_in_both_runtimes_with_parity(name, zoo_packages, tmp_path):
+CASES = [
+    ("int8", name) if name in SAMPLE else pytest.param("int8", name, marks=pytest.mark.slow) for name in ENTRIES
+] + [pytest.param("w4a8", name, marks=pytest.mark.slow) for name in ENTRIES]
+
+
+@pytest.mark.parametrize(("recipe", "name"), CASES)
+def test_zoo_model_runs_int8_in_both_runtimes_with_parity(recipe, name, zoo_packages, tmp_path):
     entry = ENTRIES[name]
     zoo_packages(entry)
-    d = deploy(entry, "int8", tmp_path)
+    d = deploy(entry, recipe, tmp_path)
     d.agreement.check()
     for result in d.results:
         assert result.ok, result
