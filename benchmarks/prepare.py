@@ -14,6 +14,12 @@ b) One training step (forward, BCE-with-logits loss, backward, Adam step) of the
    variant per round) so that drift of a shared machine hits all alike; the table
    reports medians and the ratio to float.
 
+Allocator: a QAT step allocates more large buffers than the float step (each quantizer's
+output and what its backward keeps), and glibc's malloc maps every buffer above 32 MB afresh
+and returns it on free, so each step pays a page fault per 4 KiB of them again. The header
+prints the ``MALLOC_*`` settings the run had; run it once as is and once with glibc told to
+keep its memory (``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=100000000000``) to see that share.
+
 Run: ``python benchmarks/prepare.py [--threads 2] [--rounds 10] [--only training]``.
 """
 
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import statistics
 import sys
 import time
@@ -244,7 +251,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
+    malloc = " ".join(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_"))
     print(f"# torch {torch.__version__}, {cpu_name()}, {torch.get_num_threads()} threads")
+    print(f"# allocator: glibc malloc, {malloc or 'default settings'}")
     if args.only != "training":
         print()
         prepare_table()
