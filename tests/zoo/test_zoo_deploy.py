@@ -30,7 +30,8 @@ NO_INPUT_GRID = "no input quantizer before a functional layer"
 
 
 CASES = [
-    ("int8", name) if name in SAMPLE else pytest.param("int8", name, marks=pytest.mark.slow) for name in ENTRIES
+    ("int8", name) if name in SAMPLE else pytest.param("int8", name, marks=pytest.mark.slow)
+    for name in ENTRIES
 ] + [pytest.param("w4a8", name, marks=pytest.mark.slow) for name in ENTRIES]
 
 
