@@ -15,6 +15,17 @@ plan's own rules (``qseg.convert.plan.link_layers``), and stores the link on the
 layer as :attr:`qseg_accumulator`. In training mode the layer adds its own bias: a
 BatchNorm then normalizes with batch statistics, which the fold does not describe, and
 the rounding moves the bias by half an accumulator code at most.
+
+The BatchNorm fold itself: ``convert`` multiplies it into the layer's weight scales and
+bias, which rounds otherwise than a conv followed by a BatchNorm, and a value that lands
+near a rounding tie of the next quantizer then takes the other code (a deep ResNet encoder
+moved 1 % of its outputs by more than a step that way). So in eval mode without gradients
+(validation, calibration, inference) a layer whose BatchNorm ``convert`` folds computes
+what the frozen form ``convert`` makes of it computes (:func:`eval_forward`), and its BatchNorm, a
+:class:`~qseg.nn.FoldedNorm`, passes that through (:func:`folds_norm` decides for both):
+the prepared model then computes what the converted one does, operation for operation.
+With gradients (training, or a user's eval-mode fine-tuning) the layer and its BatchNorm
+compute apart, as the float model does, and gradients reach both.
 """
 
 from __future__ import annotations
@@ -24,9 +35,16 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from qseg.quantizers import Quantizer
+from qseg.quantizers import Quantizer, QuantSpec
 
-__all__ = ["AccumulatorLink", "accumulator_bias", "folded", "on_accumulator_grid"]
+__all__ = [
+    "AccumulatorLink",
+    "accumulator_bias",
+    "eval_forward",
+    "folded",
+    "folds_norm",
+    "on_accumulator_grid",
+]
 
 
 @dataclass(frozen=True, eq=False)
@@ -41,7 +59,7 @@ class AccumulatorLink:
         >>> model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 1, 1))
         >>> qmodel = qseg.prepare(model, "int8", example_inputs=torch.rand(1, 1, 8, 8))
         >>> qmodel.get_submodule("0").qseg_accumulator
-        AccumulatorLink(inputs from 1 quantizer, folds BatchNorm2d)
+        AccumulatorLink(inputs from 1 quantizer, folds FoldedBatchNorm2d)
     """
 
     inputs: tuple[nn.Module, ...]
@@ -78,6 +96,92 @@ def _out_axis(layer: nn.Module) -> int:
     return 1 if isinstance(layer, nn.modules.conv._ConvTransposeNd) else 0
 
 
+def folds_norm(layer: nn.Module) -> bool:
+    """Whether the quantized ``layer`` computes its BatchNorm folded in, in this forward
+    pass: both in eval mode, no gradients being recorded, the BatchNorm a
+    :class:`~qseg.nn.FoldedNorm` of the layer, and a weight grid ``convert`` folds into
+    (uniform, per tensor or per output channel; zero padding).
+
+    Example:
+        >>> import torch, qseg
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 1, 1))
+        >>> qmodel = qseg.prepare(model, "int8", example_inputs=torch.rand(1, 1, 8, 8)).eval()
+        >>> layer = qmodel.get_submodule("2")
+        >>> folds_norm(layer)                         # gradients are recorded here
+        False
+        >>> with torch.no_grad():
+        ...     folds_norm(layer), folds_norm(layer.train())
+        (True, False)
+    """
+    from qseg.convert.frozen import convertible
+    from qseg.nn import FoldedNorm
+
+    link = getattr(layer, "qseg_accumulator", None)
+    if link is None or link.norm is None or layer.training or link.norm.training or torch.is_grad_enabled():
+        return False
+    if not isinstance(link.norm, FoldedNorm) or link.norm.qseg_folded_into is not layer:
+        return False
+    return convertible(layer) and _weight_spec(layer) is not None
+
+
+def eval_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """What the frozen layer ``convert`` makes of the quantized ``layer``, as it stands
+    now, computes on ``x``: its BatchNorm folded in, its input grid from the activation
+    quantizers it is linked to (none while they have no range), in the layer's dtype.
+    What ``layer`` computes where :func:`folds_norm` holds.
+
+    Example:
+        >>> import torch, qseg
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 1, 1))
+        >>> x = torch.rand(2, 1, 8, 8)
+        >>> qmodel = qseg.prepare(model, "int8", example_inputs=x)
+        >>> _ = qseg.calibrate(qmodel, [x], progress=False)
+        >>> layer = qmodel.get_submodule("2")
+        >>> (input_quant,) = layer.qseg_accumulator.inputs
+        >>> h = input_quant(torch.rand(2, 4, 6, 6))     # on the grid the layer reads
+        >>> torch.equal(eval_forward(layer, h), qseg.convert(qmodel).get_submodule("2")(h))
+        True
+    """
+    from qseg.convert.frozen import bias_codes, freeze_act, layer_parts, run_layer
+
+    link = layer.qseg_accumulator
+    frozen = []
+    for act_quant in link.inputs:
+        quantizer = act_quant.quantizer
+        ready = isinstance(quantizer, Quantizer) and quantizer.range_set
+        frozen.append(freeze_act(act_quant, "") if ready else None)
+    in_grid = in_scale = None
+    # one grid and one step for all inputs, as the conversion plan requires
+    if frozen and all(f is not None for f in frozen):
+        grids = {f.grid for f in frozen}
+        scales = {f.scale for f in frozen}
+        in_grid = grids.pop() if len(grids) == 1 else None
+        in_scale = scales.pop() if len(scales) == 1 else None
+    parts = layer_parts(layer, link.norm, in_grid, in_scale)
+    # rounded to float32 as FrozenLayer stores them, then to the layer's dtype as a
+    # converted model's .to(dtype) does
+    w_scale = parts.w_scale.float()
+    if parts.in_grid is not None:
+        bias = bias_codes(parts.bias.float(), parts.in_grid[0], w_scale)
+    else:
+        bias = parts.bias.float().to(layer.weight.dtype)
+    w_scale = w_scale.to(layer.weight.dtype)
+    return run_layer(x, parts.kind, parts.codes, w_scale, bias, parts.params, parts.in_grid, parts.phases)
+
+
+def _weight_spec(layer: nn.Module) -> QuantSpec | None:
+    """The uniform weight grid of ``layer`` a fold can scale (per tensor or per output
+    channel), or ``None``."""
+    if not isinstance(layer.weight_quant, Quantizer):
+        return None  # a quantizer bypassed by hand
+    spec = layer.weight_quant.spec(layer.weight.detach())
+    if spec is None or spec.axis not in (None, _out_axis(layer)):
+        return None
+    return spec
+
+
 def folded(
     layer: nn.Module, norm: nn.Module | None
 ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] | None:
@@ -102,13 +206,11 @@ def folded(
         [0.03125, 0.03125]
     """
     weight = layer.weight.detach()
-    if not isinstance(layer.weight_quant, Quantizer):
-        return None  # a quantizer bypassed by hand
-    spec = layer.weight_quant.spec(weight)
+    spec = _weight_spec(layer)
+    if spec is None:
+        return None
     out_axis = _out_axis(layer)
     out_channels = weight.shape[out_axis]
-    if spec is None or spec.axis not in (None, out_axis):
-        return None
     w_scale = spec.scale.to(torch.float64)
     if spec.axis is None:
         w_scale = w_scale.expand(out_channels).clone()

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from qseg.accumulator import folds_norm
 from qseg.errors import DataError
 from qseg.nn import QUANTIZED
 
@@ -55,6 +56,10 @@ class _MeanError:
 
     def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
         float_output = _FLOAT_OF[type(module)].forward(module, *args)
+        if folds_norm(module):
+            # in eval mode the output has the layer's BatchNorm folded in (qseg/accumulator.py):
+            # the layer's own output is what its weights' error shows in
+            output = module.quantized_forward(*args)
         error = (float_output - output).detach().double()
         channel = -1 if isinstance(module, nn.Linear) else 1
         error = error.movedim(channel, 0).reshape(error.shape[channel], -1)

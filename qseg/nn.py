@@ -13,11 +13,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qseg.accumulator import AccumulatorLink, accumulator_bias
+from qseg.accumulator import AccumulatorLink, accumulator_bias, eval_forward, folds_norm
 from qseg.quantizers import Quantizer
 
 __all__ = [
+    "FOLDED_NORMS",
     "ActQuant",
+    "FoldedNorm",
     "QuantConv1d",
     "QuantConv2d",
     "QuantConv3d",
@@ -26,7 +28,9 @@ __all__ = [
     "QuantConvTranspose3d",
     "QuantLinear",
     "allow_float_checkpoints",
+    "fold_norm_into",
     "quantize_module",
+    "unfold_norm",
 ]
 
 
@@ -49,6 +53,28 @@ class _WeightQuant:
             return self.bias
         return accumulator_bias(self)
 
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if folds_norm(self):
+            # validation and inference: the layer as convert freezes it, its BatchNorm
+            # folded in (which then passes its input through), so both compute alike
+            return eval_forward(self, x)
+        return self.quantized_forward(x, *args, **kwargs)
+
+    def quantized_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """The layer on its quantized weight and its bias (:meth:`layer_bias`), without a
+        BatchNorm folded in: what ``forward`` computes but in eval mode without gradients.
+
+        Example:
+            >>> import torch
+            >>> from torch import nn
+            >>> from qseg.quantizers import FixedPoint
+            >>> conv = quantize_module(nn.Conv2d(1, 2, 3), FixedPoint(0, 4))
+            >>> x = torch.randn(1, 1, 5, 5)
+            >>> torch.equal(conv.quantized_forward(x), conv(x))   # no BatchNorm to fold
+            True
+        """
+        return self._weighted(x, self.quantized_weight(), self.layer_bias(), *args, **kwargs)
+
 
 class QuantConv1d(_WeightQuant, nn.Conv1d):
     """``nn.Conv1d`` with a quantized weight.
@@ -69,8 +95,8 @@ class QuantConv1d(_WeightQuant, nn.Conv1d):
         [[[-1.25, -1.75]]]
     """
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(x, self.quantized_weight(), self.layer_bias())
+    def _weighted(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return self._conv_forward(x, weight, bias)
 
 
 class QuantConv2d(_WeightQuant, nn.Conv2d):
@@ -89,8 +115,8 @@ class QuantConv2d(_WeightQuant, nn.Conv2d):
         True
     """
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(x, self.quantized_weight(), self.layer_bias())
+    def _weighted(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return self._conv_forward(x, weight, bias)
 
 
 class QuantConv3d(_WeightQuant, nn.Conv3d):
@@ -108,15 +134,21 @@ class QuantConv3d(_WeightQuant, nn.Conv3d):
         [3, 3]
     """
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(x, self.quantized_weight(), self.layer_bias())
+    def _weighted(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return self._conv_forward(x, weight, bias)
 
 
 class _QuantConvTranspose(_WeightQuant):
     _dims: int
     _conv: staticmethod
 
-    def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
+    def _weighted(
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        output_size: list[int] | None = None,
+    ) -> torch.Tensor:
         if self.padding_mode != "zeros":
             raise ValueError(f"only 'zeros' padding is supported for {type(self).__name__}")
         output_padding = self._output_padding(
@@ -124,8 +156,8 @@ class _QuantConvTranspose(_WeightQuant):
         )
         return self._conv(
             x,
-            self.quantized_weight(),
-            self.layer_bias(),
+            weight,
+            bias,
             self.stride,
             self.padding,
             output_padding,
@@ -205,8 +237,8 @@ class QuantLinear(_WeightQuant, nn.Linear):
         [[-0.5]]
     """
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.quantized_weight(), self.layer_bias())
+    def _weighted(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return F.linear(x, weight, bias)
 
 
 #: float layer type -> its quantized subclass
@@ -247,6 +279,114 @@ def quantize_module(module: nn.Module, quantizer: Quantizer) -> nn.Module:
 
 
 QUANTIZED_NAMES = tuple(t.__name__ for t in QUANTIZED)
+
+
+class FoldedNorm:
+    """Mixin: a BatchNorm that ``convert`` folds into the quantized layer before it
+    (:attr:`qseg_folded_into`). Where that layer computes the fold itself (eval mode,
+    no gradients: :func:`qseg.accumulator.folds_norm`), the BatchNorm passes its input
+    through; otherwise it normalizes as a BatchNorm does. ``qseg.prepare`` gives a
+    BatchNorm its folded subclass (:data:`FOLDED_NORMS`, :func:`fold_norm_into`); its
+    parameters, buffers and ``state_dict`` stay as they were.
+
+    Example:
+        >>> import torch, qseg
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4),
+        ...                       nn.ReLU(), nn.Conv2d(4, 1, 1))
+        >>> x = torch.rand(2, 1, 12, 12)
+        >>> qmodel = qseg.prepare(model, "int8", example_inputs=x)
+        >>> _ = qseg.calibrate(qmodel, [x], progress=False)
+        >>> norm = qmodel.get_submodule("3")
+        >>> type(norm).__name__, norm.qseg_folded_into is qmodel.get_submodule("2")
+        ('FoldedBatchNorm2d', True)
+        >>> with torch.no_grad():                       # the prepared model computes the fold
+        ...     torch.equal(qmodel.eval()(x), qseg.convert(qmodel)(x))
+        True
+    """
+
+    @property
+    def qseg_folded_into(self) -> nn.Module:
+        """The quantized layer this BatchNorm folds into (not a child module: the layer
+        belongs to the model, not to the BatchNorm)."""
+        return self.__dict__["_qseg_folded_into"]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` itself where the layer before computed the fold, else the BatchNorm of ``x``.
+
+        Example:
+            >>> import torch
+            >>> from torch import nn
+            >>> conv, norm = nn.Conv2d(1, 2, 1), nn.BatchNorm2d(2)
+            >>> fold_norm_into(norm, conv)         # a float conv never folds: a plain BatchNorm
+            True
+            >>> x = torch.randn(2, 2, 3, 3)
+            >>> torch.equal(norm(x), nn.functional.batch_norm(x, None, None, training=True))
+            True
+        """
+        if folds_norm(self.qseg_folded_into):
+            return x
+        return super().forward(x)
+
+
+class FoldedBatchNorm1d(FoldedNorm, nn.BatchNorm1d):
+    """``nn.BatchNorm1d`` folded into the quantized layer before it (:class:`FoldedNorm`)."""
+
+
+class FoldedBatchNorm2d(FoldedNorm, nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` folded into the quantized layer before it (:class:`FoldedNorm`)."""
+
+
+class FoldedBatchNorm3d(FoldedNorm, nn.BatchNorm3d):
+    """``nn.BatchNorm3d`` folded into the quantized layer before it (:class:`FoldedNorm`)."""
+
+
+class FoldedSyncBatchNorm(FoldedNorm, nn.SyncBatchNorm):
+    """``nn.SyncBatchNorm`` folded into the quantized layer before it (:class:`FoldedNorm`)."""
+
+
+#: BatchNorm type -> its folded subclass
+FOLDED_NORMS: dict[type[nn.Module], type[nn.Module]] = {
+    nn.BatchNorm1d: FoldedBatchNorm1d,
+    nn.BatchNorm2d: FoldedBatchNorm2d,
+    nn.BatchNorm3d: FoldedBatchNorm3d,
+    nn.SyncBatchNorm: FoldedSyncBatchNorm,
+}
+
+
+def fold_norm_into(norm: nn.Module, layer: nn.Module) -> bool:
+    """Make the BatchNorm ``norm`` a :class:`FoldedNorm` of the quantized ``layer``, in
+    place; ``False`` (nothing changed) for a type other than the torch.nn BatchNorms,
+    whose ``forward`` may do more than normalize.
+
+    Example:
+        >>> norm = nn.BatchNorm2d(4)
+        >>> fold_norm_into(norm, nn.Conv2d(4, 4, 1)), type(norm).__name__, sorted(norm.state_dict())[:2]
+        (True, 'FoldedBatchNorm2d', ['bias', 'num_batches_tracked'])
+        >>> fold_norm_into(nn.LayerNorm(4), nn.Linear(4, 4))
+        False
+    """
+    cls = FOLDED_NORMS.get(type(norm))
+    if cls is None:
+        return False
+    norm.__class__ = cls
+    norm.__dict__["_qseg_folded_into"] = layer
+    return True
+
+
+def unfold_norm(norm: nn.Module) -> None:
+    """Make a :class:`FoldedNorm` a plain torch.nn BatchNorm again, in place.
+
+    Example:
+        >>> norm = nn.BatchNorm3d(2)
+        >>> _ = fold_norm_into(norm, nn.Conv3d(2, 2, 1))
+        >>> unfold_norm(norm)
+        >>> type(norm) is nn.BatchNorm3d, hasattr(norm, "qseg_folded_into")
+        (True, False)
+    """
+    if isinstance(norm, FoldedNorm):
+        norm.__class__ = next(c for c, folded in FOLDED_NORMS.items() if folded is type(norm))
+        del norm.__dict__["_qseg_folded_into"]
 
 
 class ActQuant(nn.Module):

@@ -14,7 +14,7 @@ from qseg.convert.apply_fx import read_fx
 from qseg.convert.apply_swap import swap_model_graph
 from qseg.convert.plan import ModelGraph, link_layers
 from qseg.errors import TraceError
-from qseg.nn import allow_float_checkpoints
+from qseg.nn import allow_float_checkpoints, fold_norm_into
 from qseg.passes import (
     dropout_names,
     insert_act_quant,
@@ -150,13 +150,17 @@ def _prepare_fallback(model: nn.Module, inputs: tuple, recipe: Recipe, fx_failur
 
 
 def _link_accumulators(model: ModelGraph) -> None:
-    """Give each quantized layer whose input lies on activation grids its
-    :class:`~qseg.accumulator.AccumulatorLink`, by the conversion plan's rules, so that
-    in eval mode it adds its bias as ``convert`` freezes it."""
+    """Give each quantized layer whose input lies on activation grids, or whose BatchNorm
+    ``convert`` folds, its :class:`~qseg.accumulator.AccumulatorLink`, by the conversion
+    plan's rules, so that in eval mode it adds its bias, and computes its fold, as
+    ``convert`` freezes it; such a BatchNorm becomes a :class:`~qseg.nn.FoldedNorm`."""
     for link in link_layers(model):
-        if link.inputs:
-            norm = model.module_of(link.norm) if link.norm is not None else None
-            link.module.qseg_accumulator = AccumulatorLink(link.inputs, norm)
+        norm = model.module_of(link.norm) if link.norm is not None else None
+        if norm is not None:
+            # False for a subclass of a BatchNorm: convert folds it, the prepared model computes it
+            fold_norm_into(norm, link.module)
+        if link.inputs or norm is not None:
+            link.module.qseg_accumulator = AccumulatorLink(link.inputs or (), norm)
 
 
 def _layer_row(gm: fx.GraphModule, decision, inputs: dict[str, str], outputs: dict[str, str]) -> LayerRow:

@@ -51,9 +51,11 @@ def convert(qmodel: nn.Module, example_inputs: torch.Tensor | tuple | None = Non
     """An inference copy of a prepared model: eval mode, BatchNorm folded where it
     follows a quantized conv, weights frozen to integer codes, activation
     quantizers frozen; ``converted.qseg_convert`` says which layers became
-    integer convs. Its outputs equal the prepared model's in eval mode up to the
-    float rounding of the fold (an activation exactly at a rounding tie can move
-    by one step).
+    integer convs. Its outputs equal the prepared model's in eval mode without
+    gradients (``torch.no_grad()``: validation, inference), where the prepared layers
+    compute their folds as ``convert`` freezes them (``qseg/accumulator.py``); with
+    gradients recorded the prepared model computes conv and BatchNorm apart, which
+    rounds otherwise (an activation at a rounding tie can move by one step).
 
     A model prepared through torch.fx converts to a ``torch.fx.GraphModule``. A
     model prepared on the fallback (torch.export + module swap, for models FX

@@ -20,7 +20,7 @@ from qseg.convert.frozen import FrozenLayer, freeze_layer
 from qseg.convert.plan import ConversionPlan, ModelGraph, plan_conversion
 from qseg.convert.report import ConvertReport
 from qseg.errors import ExportError
-from qseg.nn import QUANTIZED, ActQuant
+from qseg.nn import QUANTIZED, ActQuant, unfold_norm
 from qseg.quantizers import Quantizer
 
 __all__ = ["apply_swap", "convert_swap", "read_swap", "swap_model_graph"]
@@ -37,7 +37,7 @@ _HOOK_DICTS = (
 
 def _float_twin(model: nn.Module) -> nn.Module:
     """A copy of a fallback-prepared model that computes the float model: quantized
-    layers back to their torch.nn class, every activation quantizer an identity (its
+    layers and folded BatchNorms back to their torch.nn class, every activation quantizer an identity (its
     hook stays and returns its input), functional layers' weight quantizers identities.
     ``torch.export`` then shows each layer as one call."""
     twin = copy.deepcopy(model)
@@ -50,6 +50,7 @@ def _float_twin(model: nn.Module) -> nn.Module:
         if type(module) in QUANTIZED.values():
             module.__class__ = next(c for c in QUANTIZED if QUANTIZED[c] is type(module))
             del module.weight_quant
+        unfold_norm(module)
         for child in _QUANTIZER_CHILDREN:
             if isinstance(module._modules.get(child), ActQuant):
                 module.add_module(child, nn.Identity())

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -130,11 +131,7 @@ class FrozenLayer(nn.Module):
         self.register_buffer("w_scale", w_scale.to(torch.float32).contiguous())
         self.in_grid = in_grid
         if in_grid is not None:
-            in_scale = in_grid[0]
-            bias_scale = in_scale * self.w_scale
-            self.register_buffer(
-                "bias_codes", torch.round(bias.double() / bias_scale.double()).to(torch.int32)
-            )
+            self.register_buffer("bias_codes", bias_codes(bias, in_grid[0], self.w_scale))
         else:
             self.register_buffer("bias", bias.to(torch.float32))
 
@@ -158,40 +155,8 @@ class FrozenLayer(nn.Module):
         return torch.ops.qseg.dequantize(self.codes, self.w_scale, self.axis)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        p = self.params
-        dims = self.codes.dim() - 2
-        if self.in_grid is not None:
-            y = torch.ops.qseg.qconv(
-                x,
-                self.codes,
-                self.w_scale,
-                self.bias_codes,
-                self.in_grid[0],
-                self.in_grid[1],
-                self.in_grid[2],
-                p["stride"],
-                p["padding"],
-                p["dilation"],
-                p["groups"],
-            )
-        elif self.kind == "linear":
-            return F.linear(x, self.weight(), self.bias)
-        elif self.kind == "conv" or self.phases is not None:
-            conv = (F.conv1d, F.conv2d, F.conv3d)[dims - 1]
-            y = conv(x, self.weight(), self.bias, p["stride"], p["padding"], p["dilation"], p["groups"])
-        else:
-            conv_t = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[dims - 1]
-            return conv_t(
-                x,
-                self.weight(),
-                self.bias,
-                p["stride"],
-                p["padding"],
-                p["output_padding"],
-                p["groups"],
-                p["dilation"],
-            )
-        return y if self.phases is None else interleave(y, self.phases)
+        bias = self.bias_codes if self.in_grid is not None else self.bias
+        return run_layer(x, self.kind, self.codes, self.w_scale, bias, self.params, self.in_grid, self.phases)
 
     def extra_repr(self) -> str:
         mode = f"integer, input scale {self.in_grid[0]}" if self.in_grid else "float input"
@@ -366,46 +331,152 @@ def freeze_layer(
         plain.weight = nn.Parameter(q.clone(), requires_grad=False)
         report.grid_layers.append(name)
         return plain
-    kind = layer_kind(module)
-    parts = folded(module, bn)
-    if parts is None:
+    if folded(module, bn) is None:
         raise ExportError(
             f"layer {name}: per-channel scales along axis {spec.axis} are not the output channels"
         )
-    w_scale, bias, _ = parts
-    codes = spec.codes(q)
-    if in_scale is not None:
-        # what the prepared layer adds in eval mode and an int8 kernel adds (qseg/accumulator.py)
-        bias = on_accumulator_grid(bias, in_scale, w_scale)
-    params, phases = _params(module), None
+    return frozen_layer(name, module, bn, in_grid, in_scale, report)
+
+
+def convertible(module: nn.Module) -> bool:
+    """Whether :func:`frozen_layer` can freeze the quantized ``module``'s convolution
+    parameters: numeric zero padding, and no grouped dilated transposed conv."""
+    if isinstance(module, nn.Linear):
+        return True
+    if module.padding_mode != "zeros" or isinstance(module.padding, str):
+        return False
+    return not (
+        layer_kind(module) == "conv_transpose" and module.groups > 1 and not supported(_params(module))
+    )
+
+
+def frozen_layer(
+    name: str,
+    module: nn.Module,
+    bn: nn.Module | None,
+    in_grid: tuple[float, int, int] | None,
+    in_scale: float | None,
+    report: ConvertReport,
+) -> FrozenLayer:
+    """The :class:`FrozenLayer` of the quantized ``module``, whose weights lie on a uniform
+    grid per tensor or per output channel (:func:`freeze_layer` checks that), recorded in
+    ``report``: its :func:`layer_parts`, and what they mean for the runtimes."""
+    params = _params(module)
+    kind = layer_kind(module)
+    if kind == "conv_transpose" and (in_grid is not None or params["groups"] > 1) and not supported(params):
+        if params["groups"] > 1:
+            raise ExportError(f"layer {name}: convert does not support a grouped, dilated transposed conv")
+        report.warnings.append(
+            f"{name}: a dilated transposed conv has no phase form here; OpenVINO runs it in float "
+            "where its input grid has a zero point"
+        )
+    parts = layer_parts(module, bn, in_grid, in_scale)
     if in_grid is not None:
         # the runtimes run int8 kernels for any 8-bit input grid, integer conv here or not
-        _warn_int8_kernel_limits(name, in_grid, codes, report)
-    if kind == "conv_transpose" and (in_grid is not None or params["groups"] > 1):
-        # OpenVINO runs a transposed conv int8 only on a grid without a zero point; as an
-        # ordinary conv over its phases it runs int8 on any grid (qseg/convert/phases.py). A
-        # grouped one takes that form on any input: its folded scales differ group by group,
-        # and its weight holds one slice along the channel axis for all groups
-        if not supported(params):
-            if params["groups"] > 1:
-                raise ExportError(
-                    f"layer {name}: convert does not support a grouped, dilated transposed conv"
-                )
-            report.warnings.append(
-                f"{name}: a dilated transposed conv has no phase form here; OpenVINO runs it in float "
-                "where its input grid has a zero point"
-            )
-        else:
-            codes, w_scale, bias, params, phases = as_phases(codes, w_scale, bias, params)
-            report.phase_layers.append(name)
-    if in_grid is not None and ((kind != "conv" and phases is None) or not _is_power_of_two(in_grid[0])):
-        in_grid = None
-    frozen = FrozenLayer(kind, codes, w_scale.float(), bias.float(), params, in_grid, phases)
-    if in_grid is None:
+        _warn_int8_kernel_limits(name, in_grid, parts.codes, report)
+    if parts.phases is not None:
+        report.phase_layers.append(name)
+    frozen = FrozenLayer(
+        kind,
+        parts.codes,
+        parts.w_scale.float(),
+        parts.bias.float(),
+        parts.params,
+        parts.in_grid,
+        parts.phases,
+    )
+    if parts.in_grid is None:
         report.float_input_layers.append(name)
         return frozen
     report.integer_layers.append(name)
     max_act = max(abs(in_grid[1]), abs(in_grid[2]))
-    if max_act * int(codes.abs().max()) * codes[0].numel() >= EXACT_ACCUMULATOR:
+    if max_act * int(parts.codes.abs().max()) * parts.codes[0].numel() >= EXACT_ACCUMULATOR:
         report.warnings.append(f"{name}: the accumulator may exceed 2^24; float32 parity is not exact")
     return frozen
+
+
+@dataclass(frozen=True, eq=False)
+class LayerParts:
+    """What a frozen quantized layer computes with (float64 scale and bias, before
+    :class:`FrozenLayer` stores them in float32): weight ``codes``, one weight scale
+    ``w_scale`` and ``bias`` per output channel (BatchNorm folded in; on the accumulator
+    grid where the input step is known), conv ``params``, the input grid ``in_grid``
+    where it is an integer conv (``None``: float input), the ``phases`` of a transposed
+    conv computed as a conv."""
+
+    kind: str
+    codes: torch.Tensor
+    w_scale: torch.Tensor
+    bias: torch.Tensor
+    params: dict
+    in_grid: Grid | None
+    phases: Phases | None
+
+
+def layer_parts(
+    module: nn.Module, bn: nn.Module | None, in_grid: Grid | None, in_scale: float | None
+) -> LayerParts:
+    """The :class:`LayerParts` of the quantized ``module`` (a uniform weight grid; numeric
+    zero padding, no grouped dilated transposed conv: :func:`convertible`) with the
+    BatchNorm ``bn`` folded in, reading ``in_grid`` with step ``in_scale``. Tensor ops
+    on the weights only, so that a compiled prepared model traces them
+    (``qseg.accumulator.eval_forward``)."""
+    weight = module.weight.detach()
+    codes = module.weight_quant.spec(weight).codes(module.weight_quant(weight))
+    kind = layer_kind(module)
+    w_scale, bias, _ = folded(module, bn)
+    if in_scale is not None:
+        # what the prepared layer adds in eval mode and an int8 kernel adds (qseg/accumulator.py)
+        bias = on_accumulator_grid(bias, in_scale, w_scale)
+    params, phases = _params(module), None
+    if kind == "conv_transpose" and (in_grid is not None or params["groups"] > 1) and supported(params):
+        # OpenVINO runs a transposed conv int8 only on a grid without a zero point; as an
+        # ordinary conv over its phases it runs int8 on any grid (qseg/convert/phases.py). A
+        # grouped one takes that form on any input: its folded scales differ group by group,
+        # and its weight holds one slice along the channel axis for all groups
+        codes, w_scale, bias, params, phases = as_phases(codes, w_scale, bias, params)
+    if in_grid is not None and ((kind != "conv" and phases is None) or not _is_power_of_two(in_grid[0])):
+        in_grid = None
+    return LayerParts(kind, codes, w_scale, bias, params, in_grid, phases)
+
+
+def bias_codes(bias: torch.Tensor, in_scale: float, w_scale: torch.Tensor) -> torch.Tensor:
+    """An integer conv's bias as int32 codes of its accumulator step ``in_scale * w_scale``
+    (``w_scale`` as the layer holds it)."""
+    return torch.round(bias.double() / (in_scale * w_scale).double()).to(torch.int32)
+
+
+def run_layer(
+    x: torch.Tensor,
+    kind: str,
+    codes: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor,
+    params: dict,
+    in_grid: Grid | None,
+    phases: Phases | None,
+) -> torch.Tensor:
+    """A frozen layer's output on ``x``: an integer conv (``qseg::qconv``, ``bias`` its
+    int32 codes) where ``in_grid`` is set, else the layer on its dequantized weights
+    ``codes * w_scale`` (``qseg::dequantize``). :class:`FrozenLayer` computes with it,
+    and so does a prepared layer computing its fold (``qseg.accumulator.eval_forward``)."""
+    dims = codes.dim() - 2
+    axis = 1 if kind == "conv_transpose" and phases is None else 0
+    if in_grid is not None:
+        y = torch.ops.qseg.qconv(
+            x, codes, w_scale, bias, in_grid[0], in_grid[1], in_grid[2],
+            params["stride"], params["padding"], params["dilation"], params["groups"],
+        )  # fmt: skip
+        return y if phases is None else interleave(y, phases)
+    weight = torch.ops.qseg.dequantize(codes, w_scale, axis)
+    if kind == "linear":
+        return F.linear(x, weight, bias)
+    if kind == "conv" or phases is not None:
+        conv = (F.conv1d, F.conv2d, F.conv3d)[dims - 1]
+        y = conv(x, weight, bias, params["stride"], params["padding"], params["dilation"], params["groups"])
+        return y if phases is None else interleave(y, phases)
+    conv_t = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[dims - 1]
+    return conv_t(
+        x, weight, bias, params["stride"], params["padding"], params["output_padding"], params["groups"],
+        params["dilation"],
+    )  # fmt: skip

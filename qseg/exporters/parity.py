@@ -16,8 +16,8 @@ The verdict, from strict to loose (every level is "ok"):
 - **within float rounding**: a share below its tolerance, but missing no more than
   :data:`FLOAT_NOISE_FACTOR` times what the model itself misses when PyTorch runs it
   in float64 instead of float32, or in float32 with the input of every activation
-  quantizer moved by up to :data:`FLOAT_NOISE_ULPS` ulps of its largest magnitude
-  (the *float floor*: the worse of the two). Calibrated grids have
+  quantizer moved by up to :data:`FLOAT_NOISE_ULPS` ulps of its largest magnitude,
+  :data:`FLOOR_MOVES` times with other seeds (the *float floor*: the worst of them). Calibrated grids have
   non-power-of-two scales, so every requantization and every float layer between
   quantizers (InstanceNorm, GroupNorm) rounds; in a model that spreads one-step moves
   far (random weights often do), one ulp of another summation order moves many
@@ -46,6 +46,7 @@ from qseg.runtime.openvino import run_openvino
 __all__ = [
     "FLOAT_NOISE_FACTOR",
     "FLOAT_NOISE_ULPS",
+    "FLOOR_MOVES",
     "SAME_CLASS_TOLERANCE",
     "WITHIN_STEP_TOLERANCE",
     "ParityResult",
@@ -70,6 +71,11 @@ FLOAT_NOISE_FACTOR = 2.0
 #: land no value on the other side of a tie (that model: 100 % in float64, while both
 #: runtimes flip one code of 32768 and the flip spreads to 0.3 % of the outputs).
 FLOAT_NOISE_ULPS = 4.0
+#: How many seeded moves the floor takes the worst of. One draw is one sample of where ties
+#: fall: on smp's UnetPlusPlus[resnet34] under ``w4a8`` (2 x 32 x 32 pixels) five seeds gave
+#: 99.85-99.95 % of pixels the same class and 94.7-98.2 % of outputs within one step, so a
+#: single seed could set the floor at the one draw that moved a single pixel.
+FLOOR_MOVES = 3
 
 
 @dataclass(frozen=True)
@@ -281,12 +287,12 @@ def float_floor(
     model: nn.Module, inputs: tuple, expected: list[np.ndarray] | None = None, step: float | None = None
 ) -> ParityResult:
     """How far float rounding alone moves ``model``'s outputs on ``inputs`` (the *float
-    floor* of :class:`ParityResult`): the worse of two other roundings of ``model``
+    floor* of :class:`ParityResult`): the worst of other roundings of ``model``
     (converted, or prepared) against its float32 run. One runs it in float64 (integer
     layers compute the same codes; float layers and requantizations round less); the
-    other in float32 with the input of every activation quantizer moved by up to
-    :data:`FLOAT_NOISE_ULPS` ulps of its largest magnitude (seeded), as another
-    summation order moves it. ``runtime`` names the worse one.
+    others (:data:`FLOOR_MOVES`, seeds 0, 1, ...) in float32 with the input of every
+    activation quantizer moved by up to :data:`FLOAT_NOISE_ULPS` ulps of its largest
+    magnitude, as another summation order moves it. ``runtime`` names the worst one.
 
     Example:
         >>> import torch, qseg
@@ -309,9 +315,11 @@ def float_floor(
         t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in inputs
     )
     with torch.no_grad():
-        float64 = compare("float64", expected, _flat(wide(*wide_inputs)), step)
-        moved = compare("float32, moved", expected, _flat(_moved_before_quantizers(model)(*inputs)), step)
-    return min(float64, moved, key=lambda r: (r.within_step, r.same_class))
+        runs = [compare("float64", expected, _flat(wide(*wide_inputs)), step)]
+        for seed in range(FLOOR_MOVES):
+            moved = _flat(_moved_before_quantizers(model, seed)(*inputs))
+            runs.append(compare(f"float32, moved (seed {seed})", expected, moved, step))
+    return min(runs, key=lambda r: (r.within_step, r.same_class))
 
 
 def _moved_before_quantizers(model: nn.Module, seed: int = 0) -> nn.Module:

@@ -187,7 +187,8 @@ def test_float_floor_of_a_calibrated_model_is_another_rounding_of_it():
     qseg.calibrate(q, [x], progress=False)
     converted = qseg.convert(q)
     floor = float_floor(converted, (x,))
-    assert floor.runtime in ("float64", "float32, moved") and floor.ok
+    assert floor.runtime == "float64" or floor.runtime.startswith("float32, moved (seed ")
+    assert floor.ok
     # the float64 run really is another computation: its outputs are not the float32 ones
     assert 0 < floor.max_abs_diff < floor.step
 
@@ -203,7 +204,28 @@ def test_float_floor_flips_ties_that_float64_rounds_the_same_way():
     model = nn.Sequential(FrozenActQuant(scale=1.0, qmin=-10, qmax=10), gain)
     x = torch.full((1, 1, 32, 32), 2.5)
     floor = float_floor(model, (x,))
-    assert floor.runtime == "float32, moved"
+    assert floor.runtime.startswith("float32, moved (seed ")
     assert 0.3 < floor.within_step < 0.7  # about half the ties move up
     wide = copy.deepcopy(model).double()
     assert torch.equal(wide(x.double()).float(), model(x))  # float64 alone would excuse nothing
+
+
+def test_float_floor_is_the_worst_of_its_seeded_moves():
+    from qseg.convert import FrozenActQuant
+    from qseg.exporters.parity import FLOOR_MOVES, _moved_before_quantizers, compare, float_floor, parity_step
+
+    # ties everywhere: each seed moves another half of them; the floor keeps the worst draw
+    gain = nn.Conv2d(1, 1, 1, bias=False)
+    gain.weight.data.fill_(4.0)
+    model = nn.Sequential(FrozenActQuant(scale=1.0, qmin=-10, qmax=10), gain)
+    x = torch.full((1, 1, 16, 16), 2.5)
+    with torch.no_grad():
+        expected = [model(x).numpy()]
+        shares = [
+            compare(
+                "m", expected, [_moved_before_quantizers(model, seed)(x).numpy()], parity_step(model)
+            ).within_step
+            for seed in range(FLOOR_MOVES)
+        ]
+    assert min(shares) < shares[0]  # measured: seed 0 is not the worst draw here (60 % against 53 %)
+    assert float_floor(model, (x,)).within_step == min(shares)

@@ -15,14 +15,15 @@ from torch import fx, nn
 import qseg
 from qseg.calibrate import calibrated_quantizers
 from qseg.exporters.openvino import openvino_from_onnx
-from qseg.exporters.parity import FLOAT_NOISE_FACTOR, ParityResult, check_parity, float_floor, parity_step
+from qseg.exporters.parity import ParityResult, check_parity, parity_step
 from qseg.runtime.openvino import LayerPrecision, runtime_precisions
 from zoo.catalog import Entry, first_tensor
 
 # every kind of convolution OpenVINO names
 CONVS = ("Convolution", "GroupConvolution", "Deconvolution", "GroupDeconvolution")
-# converted vs prepared holds when this share of outputs is within one step; below it, the
-# prepared model's own float floor says how much float rounding alone moves
+# converted vs prepared: the share of outputs within one step that the contract asks (issue 14);
+# measured 100.00 % on every model with int8 and w4a8 since the prepared model computes its
+# BatchNorm folds as convert freezes them (qseg/accumulator.py)
 WITHIN = 0.999
 
 
@@ -45,35 +46,28 @@ def calibrated(entry: Entry, recipe: str) -> tuple[nn.Module, torch.Tensor, qseg
 @dataclass
 class Agreement:
     """How closely a converted model computes its prepared model: ``within`` is the share
-    of outputs within one activation ``step`` (``drift`` the largest difference), ``floor``
-    the prepared model's own float floor, measured where ``within`` is below :data:`WITHIN`."""
+    of outputs within one activation ``step``, ``drift`` the largest difference."""
 
     step: float
     within: float
     drift: float
-    floor: ParityResult | None
 
     def check(self) -> None:
-        """Assert the contract: within one step on :data:`WITHIN` of the outputs, or missing
-        no more than ``FLOAT_NOISE_FACTOR`` times what float rounding alone moves the
-        prepared model (a value on a rounding tie of a calibrated grid goes either way once
-        a BatchNorm is folded)."""
-        if self.floor is None:
-            return
-        assert 1 - self.within <= FLOAT_NOISE_FACTOR * (1 - self.floor.within_step), (
-            f"converted vs prepared: {self.within:.2%} within one step {self.step:.3g}; the prepared "
-            f"model rounded otherwise ({self.floor.runtime}): {self.floor.within_step:.2%}"
+        """Assert the contract: within one step on :data:`WITHIN` of the outputs."""
+        assert self.within >= WITHIN, (
+            f"converted vs prepared: {self.within:.2%} within one step {self.step:.3g} "
+            f"(largest difference {self.drift:.3g})"
         )
 
 
 def agreement(qmodel: nn.Module, converted: nn.Module, x: torch.Tensor) -> Agreement:
-    """Compare ``converted`` with the prepared ``qmodel`` (in eval mode) on ``x``."""
+    """Compare ``converted`` with the prepared ``qmodel`` (in eval mode, without gradients:
+    the prepared model's validation) on ``x``."""
     with torch.no_grad():
         difference = (first_tensor(qmodel(x)) - first_tensor(converted(x))).abs()
     step = parity_step(converted)
     within = (difference <= step * 1.001).float().mean().item()
-    floor = float_floor(qmodel, (x,), step=step) if within < WITHIN else None
-    return Agreement(step, within, difference.max().item(), floor)
+    return Agreement(step, within, difference.max().item())
 
 
 @dataclass

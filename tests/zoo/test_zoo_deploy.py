@@ -2,8 +2,8 @@
 ``int8`` and ``w4a8`` (``tests/zoo/deploy.py``): prepare, calibrate, ``convert`` without
 inputs, QDQ ONNX and OpenVINO IR, then
 
-* the converted model computes what the prepared one computes (``Agreement.check``: within
-  one activation step on 99.9 % of outputs, or within what float rounding alone moves it);
+* the converted model computes what the prepared one computes in eval mode without gradients
+  (``Agreement.check``: within one activation step on 99.9 % of outputs);
 * onnxruntime and OpenVINO compute what the converted model computes (``check_parity``);
 * OpenVINO runs every convolution of the file in int8, transposed ones included, but at most
   as many as the report's notes say have no input grid.

@@ -31,14 +31,12 @@ ENTRIES_ALL = zoo()
 ENTRIES = {name: entry for name, entry in ENTRIES_ALL.items() if name in SAMPLE}
 RECIPES = ("int8", "w4a8")
 # "model-recipe" -> what was measured where the converted model does not compute the prepared
-# one yet (issue 14's converted-equals-prepared contract; strict xfail). None today: the two that
-# missed 99.9% (AttentionUnet2d int8 99.41%, smp.Unet[resnet34] int8 99.54% within one step) lose
-# it to the BatchNorm fold's float rounding, not to another computation: the first code that
-# moves sits on a tie in the prepared model (x / s = 79.5 exactly at AttentionUnet's
-# model.1.submodule.0.conv.1 BatchNorm, 82.5 at smp's encoder.bn1) and 1-2 ulps off it in the
-# converted one (79.49999, 82.50004), and each move spreads one layer on (2 codes -> 9 -> 15 ->
-# 47). The prepared model itself run in float64 moves as many (99.60%, 99.12%, 2026-11-30), so
-# the contract allows FLOAT_NOISE_FACTOR times the misses of the prepared model's own float floor.
+# one yet (issue 14's converted-equals-prepared contract; strict xfail). None today. Two models
+# that missed 99.9 % before (AttentionUnet2d int8 99.41 %, smp.Unet[resnet34] int8 99.54 % within
+# one step) lost it to the BatchNorm fold's float rounding: a code on a tie in the prepared model
+# (x / s = 79.5 at AttentionUnet's model.1.submodule.0.conv.1) sat 1-2 ulps off it in the
+# converted one (79.49999) and each move spread one layer on. The prepared model now computes
+# the fold as convert freezes it (qseg/accumulator.py), and both agree bit for bit.
 KNOWN: dict[str, str] = {}
 
 
