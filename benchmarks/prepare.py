@@ -17,8 +17,9 @@ b) One training step (forward, BCE-with-logits loss, backward, Adam step) of the
 Allocator: a QAT step allocates more large buffers than the float step (each quantizer's
 output and what its backward keeps), and glibc's malloc maps every buffer above 32 MB afresh
 and returns it on free, so each step pays a page fault per 4 KiB of them again. The header
-prints the ``MALLOC_*`` settings the run had; run it once as is and once with glibc told to
-keep its memory (``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=100000000000``) to see that share.
+prints the ``MALLOC_*`` settings the run had, and the table each variant's median minor page
+faults and kernel (system) time per step; run it once as is and once with glibc told to keep
+its memory (``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=100000000000``) to see that share.
 
 Run: ``python benchmarks/prepare.py [--threads 2] [--rounds 10] [--only training]``.
 """
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import resource
 import statistics
 import sys
 import time
@@ -152,16 +154,23 @@ class Trainer:
         self.opt = torch.optim.Adam(model.parameters(), lr=1e-4)
         self.x, self.target = x, target
         self.times: list[float] = []
+        # per step: minor page faults (a fresh page's first touch) and kernel seconds
+        self.faults: list[int] = []
+        self.system: list[float] = []
 
     def step(self, record: bool = True) -> float:
+        before = resource.getrusage(resource.RUSAGE_SELF)
         start = time.perf_counter()
         loss = nn.functional.binary_cross_entropy_with_logits(self.model(self.x), self.target)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
         elapsed = time.perf_counter() - start
+        after = resource.getrusage(resource.RUSAGE_SELF)
         if record:
             self.times.append(elapsed)
+            self.faults.append(after.ru_minflt - before.ru_minflt)
+            self.system.append(after.ru_stime - before.ru_stime)
         return loss.detach().item()
 
 
@@ -226,14 +235,19 @@ def training_table(batch: int, size: int, rounds: int) -> None:
         for trainer, _ in trainers.values():
             trainer.step()
     base = statistics.median(trainers["float"][0].times)
-    print(f"| {'variant':<32} | {'median ms':>9} | {'vs float':>8} | {'goal':>7} | {'ok':<3} |")
-    print(f"|{'-' * 34}|{'-' * 11}|{'-' * 10}|{'-' * 9}|{'-' * 5}|")
+    print(
+        f"| {'variant':<32} | {'median ms':>9} | {'vs float':>8} | {'goal':>7} | {'ok':<3} | "
+        f"{'page faults':>11} | {'kernel ms':>9} |"
+    )
+    print(f"|{'-' * 34}|{'-' * 11}|{'-' * 10}|{'-' * 9}|{'-' * 5}|{'-' * 13}|{'-' * 11}|")
     for name, (trainer, goal) in trainers.items():
         ratio = statistics.median(trainer.times) / base
         shown = "" if goal is None else f"<= {goal:g}"
         ok = "" if goal is None else ("yes" if ratio <= goal else "NO")
+        faults, system = statistics.median(trainer.faults), statistics.median(trainer.system)
         print(
-            f"| {name:<32} | {statistics.median(trainer.times) * 1e3:9.1f} | {ratio:8.2f} | {shown:>7} | {ok:<3} |"
+            f"| {name:<32} | {statistics.median(trainer.times) * 1e3:9.1f} | {ratio:8.2f} | {shown:>7} | {ok:<3} | "
+            f"{faults:11.0f} | {system * 1e3:9.0f} |"
         )
     for recipe, diff in diffs.items():
         print(f"eval logits, qseg {recipe} vs torch fake_quantize swap: max |diff| = {diff:.3g}")
