@@ -335,32 +335,6 @@ def freeze_layer(
         raise ExportError(
             f"layer {name}: per-channel scales along axis {spec.axis} are not the output channels"
         )
-    return frozen_layer(name, module, bn, in_grid, in_scale, report)
-
-
-def convertible(module: nn.Module) -> bool:
-    """Whether :func:`frozen_layer` can freeze the quantized ``module``'s convolution
-    parameters: numeric zero padding, and no grouped dilated transposed conv."""
-    if isinstance(module, nn.Linear):
-        return True
-    if module.padding_mode != "zeros" or isinstance(module.padding, str):
-        return False
-    return not (
-        layer_kind(module) == "conv_transpose" and module.groups > 1 and not supported(_params(module))
-    )
-
-
-def frozen_layer(
-    name: str,
-    module: nn.Module,
-    bn: nn.Module | None,
-    in_grid: tuple[float, int, int] | None,
-    in_scale: float | None,
-    report: ConvertReport,
-) -> FrozenLayer:
-    """The :class:`FrozenLayer` of the quantized ``module``, whose weights lie on a uniform
-    grid per tensor or per output channel (:func:`freeze_layer` checks that), recorded in
-    ``report``: its :func:`layer_parts`, and what they mean for the runtimes."""
     params = _params(module)
     kind = layer_kind(module)
     if kind == "conv_transpose" and (in_grid is not None or params["groups"] > 1) and not supported(params):
@@ -393,6 +367,18 @@ def frozen_layer(
     if max_act * int(parts.codes.abs().max()) * parts.codes[0].numel() >= EXACT_ACCUMULATOR:
         report.warnings.append(f"{name}: the accumulator may exceed 2^24; float32 parity is not exact")
     return frozen
+
+
+def convertible(module: nn.Module) -> bool:
+    """Whether :func:`freeze_layer` can freeze the quantized ``module``'s convolution
+    parameters: numeric zero padding, and no grouped dilated transposed conv."""
+    if isinstance(module, nn.Linear):
+        return True
+    if module.padding_mode != "zeros" or isinstance(module.padding, str):
+        return False
+    return not (
+        layer_kind(module) == "conv_transpose" and module.groups > 1 and not supported(_params(module))
+    )
 
 
 @dataclass(frozen=True, eq=False)
