@@ -4,7 +4,9 @@ through a quantizer, and :class:`ActQuant`, an activation quantizer in the graph
 The wrappers are subclasses of the torch.nn layers they replace and keep their
 parameters under the same names (``weight``, ``bias``); the quantizer is the child
 module ``weight_quant``. They are plain modules, so ``state_dict``, DDP and
-``torch.compile`` work as for the float layer.
+``torch.compile`` work as for the float layer. :class:`FoldedNorm` is the BatchNorm that
+``convert`` folds into such a layer, which the layer computes itself in eval mode without
+gradients (``qseg/accumulator.py``).
 """
 
 from __future__ import annotations
@@ -62,7 +64,8 @@ class _WeightQuant:
 
     def quantized_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """The layer on its quantized weight and its bias (:meth:`layer_bias`), without a
-        BatchNorm folded in: what ``forward`` computes but in eval mode without gradients.
+        BatchNorm folded in: what ``forward`` computes wherever
+        :func:`qseg.accumulator.folds_norm` does not hold (training, or gradients recorded).
 
         Example:
             >>> import torch
