@@ -56,11 +56,19 @@ class _WeightQuant:
         return accumulator_bias(self)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if folds_norm(self):
-            # validation and inference: the layer as convert freezes it, its BatchNorm
-            # folded in (which then passes its input through), so both compute alike
-            return eval_forward(self, x)
-        return self.quantized_forward(x, *args, **kwargs)
+        if not folds_norm(self):
+            return self.quantized_forward(x, *args, **kwargs)
+        if args or kwargs:
+            # a transposed conv told its output size: the frozen form has the one its
+            # parameters give, so the layer applies its BatchNorm (which passes this through)
+            norm = self.qseg_accumulator.norm
+            y = self.quantized_forward(x, *args, **kwargs)
+            return F.batch_norm(
+                y, norm.running_mean, norm.running_var, norm.weight, norm.bias, False, 0.0, norm.eps
+            )
+        # validation and inference: the layer as convert freezes it, its BatchNorm folded in
+        # (which then passes its input through), so both compute alike
+        return eval_forward(self, x)
 
     def quantized_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """The layer on its quantized weight and its bias (:meth:`layer_bias`), without a

@@ -154,9 +154,18 @@ class FrozenLayer(nn.Module):
         """
         return torch.ops.qseg.dequantize(self.codes, self.w_scale, self.axis)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
         bias = self.bias_codes if self.in_grid is not None else self.bias
-        return run_layer(x, self.kind, self.codes, self.w_scale, bias, self.params, self.in_grid, self.phases)
+        y = run_layer(x, self.kind, self.codes, self.w_scale, bias, self.params, self.in_grid, self.phases)
+        if output_size is not None and list(y.shape[-len(output_size) :]) != list(output_size):
+            # a transposed conv told its output size: the frozen form computes the one its
+            # parameters give (output_padding), and no other
+            raise ExportError(
+                f"a converted {self.kind} was asked for output size {list(output_size)}; it computes "
+                f"{list(y.shape[2:])}, the size its parameters give: call the transposed conv without "
+                "output_size, or give it the output_padding that yields that size"
+            )
+        return y
 
     def extra_repr(self) -> str:
         mode = f"integer, input scale {self.in_grid[0]}" if self.in_grid else "float input"

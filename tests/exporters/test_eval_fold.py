@@ -123,3 +123,33 @@ def test_a_batch_norm_the_quantized_layer_cannot_fold_computes_as_before():
         converted = qseg.convert(qmodel)
         assert torch.equal(out, converted(x))
     assert not converted.qseg_convert.folded_norms
+
+
+def test_a_transposed_conv_told_its_output_size_keeps_it_with_its_batch_norm():
+    class Up(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c1, self.r1 = nn.Conv2d(1, 8, 3, padding=1), nn.ReLU()
+            self.up, self.bn, self.r2 = (
+                nn.ConvTranspose2d(8, 8, 3, stride=2, padding=1),
+                nn.BatchNorm2d(8),
+                nn.ReLU(),
+            )
+            self.head = nn.Conv2d(8, 1, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.r1(self.c1(x))
+            size = [2 * x.shape[-2], 2 * x.shape[-1]]  # one more than the parameters give
+            return self.head(self.r2(self.bn(self.up(y, output_size=size))))
+
+    qmodel = _calibrated(Up())
+    assert isinstance(qmodel.get_submodule("bn"), FoldedNorm)
+    x = torch.randn(2, 1, 12, 12)
+    with torch.no_grad():
+        folded = qmodel(x)
+    apart = qmodel(x).detach()  # gradients on: conv and BatchNorm compute apart
+    assert folded.shape == (2, 1, 24, 24)
+    assert torch.equal(folded, apart)
+    # convert freezes the output size the parameters give: another one is a clear error
+    with pytest.raises(qseg.ExportError, match=r"asked for output size \[24, 24\]; it computes \[23, 23\]"):
+        qseg.convert(qmodel)(x)
