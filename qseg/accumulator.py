@@ -144,21 +144,15 @@ def eval_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         >>> torch.equal(eval_forward(layer, h), qseg.convert(qmodel).get_submodule("2")(h))
         True
     """
-    from qseg.convert.frozen import bias_codes, freeze_act, layer_parts, run_layer
+    from qseg.convert.frozen import bias_codes, freeze_act, input_grid, layer_parts, run_layer
 
     link = layer.qseg_accumulator
-    frozen = []
-    for act_quant in link.inputs:
-        quantizer = act_quant.quantizer
-        ready = isinstance(quantizer, Quantizer) and quantizer.range_set
-        frozen.append(freeze_act(act_quant, "") if ready else None)
-    in_grid = in_scale = None
-    # one grid and one step for all inputs, as the conversion plan requires
-    if frozen and all(f is not None for f in frozen):
-        grids = {f.grid for f in frozen}
-        scales = {f.scale for f in frozen}
-        in_grid = grids.pop() if len(grids) == 1 else None
-        in_scale = scales.pop() if len(scales) == 1 else None
+    # an input quantizer without a range yet (or an observer, while calibrating) gives no grid
+    frozen = [
+        freeze_act(a, "") if isinstance(a.quantizer, Quantizer) and a.quantizer.range_set else None
+        for a in link.inputs
+    ]
+    in_grid, in_scale = input_grid(frozen)
     parts = layer_parts(layer, link.norm, in_grid, in_scale)
     # rounded to float32 as FrozenLayer stores them, then to the layer's dtype as a
     # converted model's .to(dtype) does

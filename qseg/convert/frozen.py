@@ -258,6 +258,18 @@ def freeze_act(module: ActQuant, name: str) -> FrozenActQuant | None:
     return FrozenActQuant(float(spec.scale), spec.qmin, spec.qmax, spec.zero_point)
 
 
+def input_grid(inputs: list[FrozenActQuant | None]) -> tuple[Grid | None, float | None]:
+    """The one grid, and the one step, that the frozen forms of a layer's input quantizers
+    put values on (each ``None`` where they differ, where one has no frozen form, or where
+    there are none): what ``convert`` freezes a layer with, and what a prepared layer reads
+    when it computes its fold (``qseg.accumulator.eval_forward``)."""
+    if not inputs or any(f is None for f in inputs):
+        return None, None
+    grids = {f.grid for f in inputs}
+    scales = {f.scale for f in inputs}
+    return (grids.pop() if len(grids) == 1 else None), (scales.pop() if len(scales) == 1 else None)
+
+
 def _is_power_of_two(x: float) -> bool:
     mantissa, _ = math.frexp(x)
     return x > 0 and mantissa == 0.5

@@ -19,7 +19,7 @@ import torch
 from torch import fx, nn
 
 from qseg import graph as g
-from qseg.convert.frozen import FrozenActQuant, Grid, freeze_act, freeze_weight, layer_kind
+from qseg.convert.frozen import FrozenActQuant, Grid, freeze_act, freeze_weight, input_grid, layer_kind
 from qseg.nn import QUANTIZED, ActQuant
 
 __all__ = [
@@ -196,23 +196,6 @@ def link_layers(model: ModelGraph) -> list[LayerLink]:
     return links
 
 
-def _in_grid(link: LayerLink, frozen: dict[int, FrozenActQuant]) -> Grid | None:
-    """The one grid the frozen forms of ``link``'s input quantizers put values on."""
-    if not link.inputs or any(id(q) not in frozen for q in link.inputs):
-        return None
-    grids = {frozen[id(q)].grid for q in link.inputs}
-    return grids.pop() if len(grids) == 1 else None
-
-
-def _in_scale(link: LayerLink, frozen: dict[int, FrozenActQuant]) -> float | None:
-    """The one step of the frozen forms of ``link``'s input quantizers, as the prepared
-    layer reads it (``qseg.accumulator.input_scale``)."""
-    if not link.inputs or any(id(q) not in frozen for q in link.inputs):
-        return None
-    scales = {frozen[id(q)].scale for q in link.inputs}
-    return scales.pop() if len(scales) == 1 else None
-
-
 def _removable_relu(model: ModelGraph, node: fx.Node, grids: dict[str, Grid]) -> bool:
     """A ReLU whose input lies on a grid starting at 0 is the identity there."""
     if not g.is_relu(model.graph, node) or not node.args or not isinstance(node.args[0], fx.Node):
@@ -242,7 +225,7 @@ def plan_conversion(model: ModelGraph) -> ConversionPlan:
             grids[node.name] = frozen[id(quantizer)].grid
     for link in link_layers(model):
         norm = _call(link.norm) if link.norm is not None else None
-        in_grid, in_scale = _in_grid(link, frozen), _in_scale(link, frozen)
+        in_grid, in_scale = input_grid([frozen.get(id(q)) for q in link.inputs or ()])
         plan.layers.append(LayerFreeze(_call(link.node), norm, in_grid, in_scale))
     plan.relus = [_call(node) for node in model.graph.graph.nodes if _removable_relu(model, node, grids)]
     plan.weights = {name: freeze_weight(name, q, w) for name, q, w in model.weight_quantizers}
