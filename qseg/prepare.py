@@ -18,6 +18,7 @@ from qseg.nn import allow_float_checkpoints, fold_norm_into
 from qseg.passes import (
     dropout_names,
     insert_act_quant,
+    mark_overwritable_inputs,
     plan_rescale,
     quantize_weights,
     rescale,
@@ -110,6 +111,7 @@ def _prepare_fx(gm: fx.GraphModule, recipe: Recipe) -> fx.GraphModule:
         rescaled = plan_rescale(gm).summary()
         gm = rescale(gm, inplace=True)
     _link_accumulators(read_fx(gm))
+    mark_overwritable_inputs(gm)
     how = "torch.fx (verified on the example inputs)"
     gm.qseg_report = _report(gm, recipe.name, how, decisions, removed, rescaled)
     allow_float_checkpoints(gm)

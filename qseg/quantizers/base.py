@@ -130,6 +130,11 @@ class Quantizer(nn.Module):
     #: The float weights it quantizes are kept in ``[-1, 1]`` after every optimizer step
     #: (BNN, paper A), where its straight-through gradient is not zero.
     clips_latent_weights: bool = False
+    #: Set by ``prepare`` on an activation quantizer whose input nothing reads after it (its
+    #: only user in the graph, made by an op whose backward does not keep it): a kind that
+    #: can (``Uniform``) then quantizes in the input's own buffer while training, which
+    #: spares a full-size allocation per step. Off for a quantizer used on its own.
+    overwrites_input: bool = False
 
     @property
     def bits(self) -> int:

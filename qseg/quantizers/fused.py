@@ -8,18 +8,21 @@ divide, clamp and multiply each save inputs and replay their own derivatives). T
 memory-bound passes are what a QAT step pays on top of the float step, and on CPU a
 fresh buffer of tens of megabytes costs more than a pass over it: the allocator maps it
 from the kernel, and the first write to every page faults (about 30 ms for a
-4x64x200x200 float32 tensor on the 2-core Zen3, against 5 ms for an in-place pass). The
+4x64x200x200 float32 tensor on the 2-core Zen3, against 5 ms for an in-place pass; 9 ms
+against 1 ms on the 2-core AVX-512 Xeon, where glibc maps every buffer over 32 MB afresh). The
 two functions here therefore compute the same values with as few fresh buffers as their
 results need, and with float kernels only: the mask is kept as 0.0 / 1.0 in the compute
 dtype, because comparisons into bool tensors, ``where`` on them and the bool-to-float cast
 a ``grad * mask`` does are several times slower per element than a float multiply.
 
-- forward: the codes ``t = round(x / s)``, the clamped copy that becomes the output, and
-  ``t == clamp(t)`` written over ``t`` as the mask (two fresh buffers; LSQ adds one for
-  its per-element scale derivative);
-- backward: the gradient to ``x`` written over the saved mask, which this node owns and
+- forward: the output, written over the quotient ``x / s`` (or over ``x`` itself when
+  nothing else reads it: ``Quantizer.overwrites_input``, set by ``prepare`` from the
+  graph), and one saved tensor: the mask (straight-through) or LSQ's combined mask and
+  scale derivative (``_LsqFakeQuant``); so one fresh buffer per call when ``x`` may be
+  overwritten, two otherwise;
+- backward: the gradient to ``x`` written over the saved tensor, which this node owns and
   which autograd frees right after (no fresh buffer), unless the graph is kept
-  (``retain_graph`` / ``create_graph``: the mask may be read again, so ``grad * mask``).
+  (``retain_graph`` / ``create_graph``: the saved tensor may be read again).
 
 The forward is exactly the eager formula ``clamp(round(x / s), lo, hi) * s``: a true
 division, round half to even, so training sees the values the converted model and
@@ -66,63 +69,124 @@ def _masked_grad(grad: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype) -> 
     return mask.mul_(grad).to(dtype)
 
 
+def _offset(lo: float, hi: float) -> float:
+    """Where LSQ's saved tensor puts the inside elements (see ``_LsqFakeQuant``): 0 when
+    neither bound is 0, else 1 away from the zero bound, on the side the range is not."""
+    if lo != 0.0 and hi != 0.0:
+        return 0.0
+    return -1.0 if lo == 0.0 else 1.0
+
+
+def _overwritable(x: torch.Tensor, dtype: torch.dtype) -> bool:
+    """``x``'s buffer may hold the result: the compute dtype, not a view (its base may
+    be read elsewhere), not a leaf that asks for a gradient (autograd forbids it)."""
+    return x.dtype == dtype and not x._is_view() and not (x.is_leaf and x.requires_grad)
+
+
 class _SteFakeQuant(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, scale: torch.Tensor, lo: float, hi: float, dtype: torch.dtype):
+    def forward(ctx, x, scale, lo: float, hi: float, dtype: torch.dtype, overwrite: bool):
         s = scale.detach().to(dtype)
-        codes = torch.div(x.detach().to(dtype), s).round_()
-        out = codes.clamp(lo, hi)
+        codes = (x.div_(s) if overwrite else torch.div(x.detach().to(dtype), s)).round_()
         # the gradient passes where round(x / s) needed no clamping (NaN: no)
-        ctx.save_for_backward(codes.eq_(out))
+        ctx.save_for_backward(codes.clamp(lo, hi).eq_(codes))
         ctx.x_dtype = x.dtype
-        return out.mul_(s).to(x.dtype)
+        out = codes.clamp_(lo, hi).mul_(s)
+        if overwrite:
+            ctx.mark_dirty(x)
+            return x
+        return out.to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (mask,) = ctx.saved_tensors
         grad_x = _masked_grad(grad, mask, ctx.x_dtype) if ctx.needs_input_grad[0] else None
-        return grad_x, None, None, None, None
+        return grad_x, None, None, None, None, None
 
 
 class _LsqFakeQuant(torch.autograd.Function):
+    """LSQ's backward needs two numbers per element: whether ``lo <= x / s <= hi`` (the
+    gradient to ``x`` passes) and ``e``, what the element adds to the scale's gradient:
+    ``round(v) - v`` inside the range (within [-0.5, 0.5]), the bound outside. Both live
+    in one saved tensor ``w``: ``e + offset`` inside, the bound outside, with ``offset``
+    (``_offset``) chosen so that no bound lies within 0.5 of it; inside is then
+    ``|w - offset| <= 0.5`` (one comparison when a bound is 0: the inside values then lie
+    on the other side of 0 than both bounds), and ``sum(grad * e)`` is ``sum(grad * w)``
+    less ``offset`` times the sum of the gradient passed to ``x``. One full-size buffer is saved, and
+    the output is written over the quotient (or over ``x`` itself, ``overwrite``).
+    """
+
     @staticmethod
-    def forward(
-        ctx, x: torch.Tensor, scale: torch.Tensor, lo: float, hi: float, g: float, dtype: torch.dtype
-    ):
+    def forward(ctx, x, scale, lo: float, hi: float, g: float, dtype: torch.dtype, overwrite: bool):
         s = scale.detach().to(dtype)
-        mask = torch.div(x.detach().to(dtype), s)
-        v = mask.clamp(lo, hi)
+        v = x.div_(s) if overwrite else torch.div(x.detach().to(dtype), s)
+        w = v.clamp(lo, hi)
         # 1.0 where lo <= x / s <= hi (NaN equals nothing): inclusive, as torch.clamp's own
         # derivative, so the gradient to x passes inside
-        mask.eq_(v)
-        q = v.round()
-        # d y / d s per element (LSQ): round(v) - v inside the range, the bound outside
-        # (there v * mask is 0 and q is the bound); kept instead of x, no recompute later.
-        # One pass over v's own buffer; v * mask is exact, so one rounding as q - v * mask
-        e = torch.addcmul(q, v, mask, value=-1.0, out=v)
-        ctx.save_for_backward(mask, e, scale)
-        ctx.g = g
+        v.eq_(w)
+        offset = _offset(lo, hi)
+        # v becomes m * (c - offset), m the inside mask and c the clamped quotient
+        if offset == 0.0:
+            v.mul_(w)
+        elif offset < 0.0:
+            torch.addcmul(v, v, w, out=v)
+        else:
+            torch.addcmul(v.neg_(), v, w, value=-1.0, out=v)
+        q = w.round_()
+        # inside: round(c) - (c - offset), exact (a float minus its rounding is, and c - offset
+        # lies beyond 1 in magnitude when offset is not 0, as c lies on the far side of 0);
+        # outside: the bound q. Then v + w is q exactly
+        w = q.sub_(v)
+        out = v.add_(w).mul_(s)
+        ctx.save_for_backward(w, scale)
+        ctx.g, ctx.offset = g, offset
         ctx.x_dtype = x.dtype
-        return q.mul_(s).to(x.dtype)
+        if overwrite:
+            ctx.mark_dirty(x)
+            return x
+        return out.to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        mask, e, scale = ctx.saved_tensors
+        w, scale = ctx.saved_tensors
+        offset = ctx.offset
+        grad = grad.to(w.dtype)
+        e_dot = _dot_to(grad, w, scale) if ctx.needs_input_grad[1] else None
+        # after the dot product w may become the mask, then the gradient to x (as in
+        # _masked_grad: only when nothing will read w again)
+        writable = not (torch.is_grad_enabled() or _keep_graph is None or _keep_graph())
+        mask = w if writable else w.clone()
+        if offset == 0.0:
+            mask.abs_().le_(0.5)
+        elif offset < 0.0:  # inside within [-1.5, -0.5], the bounds 0 and hi > 0: one compare
+            mask.lt_(-0.25)
+        else:  # inside within [0.5, 1.5], the bounds lo < 0 and 0
+            mask.gt_(0.25)
+        grad_x = mask.mul_(grad) if writable else grad * mask
         grad_s = None
-        if ctx.needs_input_grad[1]:
-            grad_s = (_dot_to(grad.to(e.dtype), e, scale) * ctx.g).to(scale.dtype)
-        # after the dot product: the gradient to x may be written over the mask
-        grad_x = _masked_grad(grad, mask, ctx.x_dtype) if ctx.needs_input_grad[0] else None
-        return grad_x, grad_s, None, None, None, None
+        if e_dot is not None:
+            if offset != 0.0:
+                e_dot = e_dot - offset * _sum_to(grad_x, scale)
+            grad_s = (e_dot * ctx.g).to(scale.dtype)
+        if not ctx.needs_input_grad[0]:
+            return None, grad_s, None, None, None, None, None
+        return grad_x.to(ctx.x_dtype), grad_s, None, None, None, None, None
 
 
-def ste_fake_quant(x: torch.Tensor, scale: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+def ste_fake_quant(
+    x: torch.Tensor, scale: torch.Tensor, lo: int, hi: int, overwrite: bool = False
+) -> torch.Tensor:
     """``clamp(round(x / scale), lo, hi) * scale`` with the clipped straight-through
     gradient: ``x`` gets the incoming gradient where ``round(x / scale)`` lies in
     ``[lo, hi]``, 0 elsewhere; ``scale`` (which broadcasts against ``x``) gets none.
 
     Half inputs are computed in float32 and the result cast back, like every qseg
     quantizer. NaN gives NaN and no gradient.
+
+    ``overwrite=True`` computes in ``x``'s own buffer and returns ``x``, for an ``x``
+    nothing reads afterwards (what ``Quantizer.overwrites_input`` says); when ``x`` is a
+    view, a leaf that asks for a gradient or not of the compute dtype, a fresh buffer
+    is used all the same.
 
     Example:
         >>> import torch
@@ -135,10 +199,13 @@ def ste_fake_quant(x: torch.Tensor, scale: torch.Tensor, lo: int, hi: int) -> to
         tensor([1., 0., 1., 0.])
     """
     dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-    return _SteFakeQuant.apply(x, scale, float(lo), float(hi), dtype)
+    overwrite = overwrite and _overwritable(x, dtype)
+    return _SteFakeQuant.apply(x, scale, float(lo), float(hi), dtype, overwrite)
 
 
-def lsq_fake_quant(x: torch.Tensor, scale: torch.Tensor, lo: int, hi: int, grad_scale: float) -> torch.Tensor:
+def lsq_fake_quant(
+    x: torch.Tensor, scale: torch.Tensor, lo: int, hi: int, grad_scale: float, overwrite: bool = False
+) -> torch.Tensor:
     """LSQ (Esser et al. 2020): ``round(clamp(x / scale, lo, hi)) * scale`` whose round
     is straight-through, so that
 
@@ -146,6 +213,8 @@ def lsq_fake_quant(x: torch.Tensor, scale: torch.Tensor, lo: int, hi: int, grad_
     - ``scale`` gets ``grad_scale * sum(grad * e)`` with ``e = round(x/s) - x/s``
       inside the range and ``lo`` / ``hi`` below / above it, summed over every
       dimension ``scale`` broadcasts along.
+
+    ``overwrite`` as in :func:`ste_fake_quant`.
 
     Example:
         >>> import torch
@@ -159,4 +228,5 @@ def lsq_fake_quant(x: torch.Tensor, scale: torch.Tensor, lo: int, hi: int, grad_
         (tensor([1., 0., 0.]), 0.4)
     """
     dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-    return _LsqFakeQuant.apply(x, scale, float(lo), float(hi), float(grad_scale), dtype)
+    overwrite = overwrite and _overwritable(x, dtype)
+    return _LsqFakeQuant.apply(x, scale, float(lo), float(hi), float(grad_scale), dtype, overwrite)

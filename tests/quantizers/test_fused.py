@@ -97,6 +97,13 @@ def _activation(mode: str, bits: int = 8, learn: bool = False, pow2: bool = Fals
     return q
 
 
+def _negative_activation(learn: bool) -> Uniform:
+    # codes -255..0: the upper bound is 0 (LSQ's saved tensor then sits on the other side)
+    q = Uniform(8, mode="asymmetric", learn_scale=learn)
+    q.observe_range(torch.tensor(-2.3), torch.tensor(-0.7))
+    return q
+
+
 def _weight(bits: int, learn: bool, axis: int = 0, pow2: bool = False) -> Uniform:
     return Uniform(bits, channel_axis=axis, learn_scale=learn, power_of_two_scale=pow2)
 
@@ -112,6 +119,7 @@ CASES = {
     "uint8 LSQ": lambda: _activation("unsigned", learn=True),
     "int8 asym LSQ": lambda: _activation("asymmetric", learn=True),
     "int8 LSQ": lambda: _activation("symmetric", learn=True),
+    "int8 asym LSQ, range below 0": lambda: _negative_activation(learn=True),
     "int4/ch LSQ": lambda: _weight(4, True),
     "int3/ch axis 1 LSQ": lambda: _weight(3, True, axis=1),
 }
@@ -370,3 +378,44 @@ def test_activation_checkpointing_gives_the_plain_gradients(name):
     assert torch.equal(gx0, gx1)
     if gs0 is not None:
         torch.testing.assert_close(gs0, gs1, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_overwriting_a_dead_input_gives_the_same_values_and_gradients(name, dtype):
+    # Quantizer.overwrites_input: the result is computed in the input's own buffer, with the
+    # values and gradients of the fresh-buffer path, bit for bit
+    x = _ties(_both(name, _input(dtype=dtype))[0], _input(dtype=dtype))
+    upstream = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    results = []
+    for overwrite in (False, True):
+        q, _ = _both(name, _input(dtype=dtype))
+        q.overwrites_input = overwrite
+        leaf = x.clone().requires_grad_(True)
+        produced = leaf * 1.0  # an op's output, as in a graph (a leaf is never overwritten)
+        y = q(produced)
+        assert (y.data_ptr() == produced.data_ptr()) == overwrite
+        y.backward(upstream)
+        results.append((y.detach(), leaf.grad, None if q.scale.grad is None else q.scale.grad.clone()))
+    (y0, gx0, gs0), (y1, gx1, gs1) = results
+    assert torch.equal(y0.nan_to_num(7.0), y1.nan_to_num(7.0))
+    assert torch.equal(gx0, gx1)
+    if gs0 is None:
+        assert gs1 is None
+    else:
+        torch.testing.assert_close(gs0, gs1, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("name", ["int8 symmetric", "uint8 LSQ"])
+def test_a_view_a_leaf_or_a_half_input_is_not_overwritten(name):
+    q, _ = _both(name, _input())
+    q.overwrites_input = True
+    base = _input().requires_grad_(True) * 1.0
+    kept = base.detach().clone()
+    y = q(base[:, :3])  # a view: its base may be read elsewhere
+    y.sum().backward()
+    assert torch.equal(base.detach().nan_to_num(7.0), kept.nan_to_num(7.0))
+    leaf = _input().requires_grad_(True)
+    assert q(leaf).data_ptr() != leaf.data_ptr()
+    half = (_input().requires_grad_(True) * 1.0).to(torch.bfloat16)
+    assert q(half).data_ptr() != half.data_ptr()
