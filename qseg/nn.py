@@ -29,6 +29,7 @@ __all__ = [
     "QuantConvTranspose2d",
     "QuantConvTranspose3d",
     "QuantLinear",
+    "ReLUAfterQuant",
     "allow_float_checkpoints",
     "fold_norm_into",
     "quantize_module",
@@ -398,6 +399,37 @@ def unfold_norm(norm: nn.Module) -> None:
     if isinstance(norm, FoldedNorm):
         norm.__class__ = next(c for c, folded in FOLDED_NORMS.items() if folded is type(norm))
         del norm.__dict__["_qseg_folded_into"]
+
+
+class ReLUAfterQuant(nn.ReLU):
+    """A ReLU whose only input is an unsigned activation quantizer's output (``prepare``
+    gives such a ReLU this class, in place; same ``inplace`` flag, no state).
+
+    The quantizer's grid starts at 0, so the ReLU changes no value. While training, that
+    quantizer (``Quantizer.absorbs_relu``) gives the ReLU's gradient itself and marks its
+    result's ``grad_fn`` ``relu_applied``; such an input is returned as it is, which
+    spares a full-size output and a backward pass per step. Any other input (eval, no
+    gradient, a quantizer bypassed by hand) is rectified exactly as by ``nn.ReLU``.
+
+    Example:
+        >>> import torch
+        >>> from qseg.quantizers import Uniform
+        >>> q = Uniform(8, mode="unsigned")
+        >>> q.observe_range(torch.tensor(0.0), torch.tensor(2.55))
+        >>> q.absorbs_relu = True
+        >>> x = torch.tensor([-1.0, 0.004, 0.5, 3.0], requires_grad=True)
+        >>> y = ReLUAfterQuant()(q(x * 1.0))
+        >>> y.sum().backward()
+        >>> y.detach(), x.grad                   # codes 0 and 255 pass nothing back, as a ReLU
+        (tensor([0.0000, 0.0000, 0.5000, 2.5500]), tensor([0., 0., 1., 0.]))
+        >>> ReLUAfterQuant()(torch.tensor([-1.0, 2.0]))
+        tensor([0., 2.])
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if getattr(x.grad_fn, "relu_applied", False):
+            return x
+        return super().forward(x)
 
 
 class ActQuant(nn.Module):

@@ -16,6 +16,7 @@ from qseg.convert.plan import ModelGraph, link_layers
 from qseg.errors import TraceError
 from qseg.nn import allow_float_checkpoints, fold_norm_into
 from qseg.passes import (
+    absorb_relus,
     dropout_names,
     insert_act_quant,
     mark_overwritable_inputs,
@@ -112,6 +113,7 @@ def _prepare_fx(gm: fx.GraphModule, recipe: Recipe) -> fx.GraphModule:
         gm = rescale(gm, inplace=True)
     _link_accumulators(read_fx(gm))
     mark_overwritable_inputs(gm)
+    absorb_relus(gm)
     how = "torch.fx (verified on the example inputs)"
     gm.qseg_report = _report(gm, recipe.name, how, decisions, removed, rescaled)
     allow_float_checkpoints(gm)

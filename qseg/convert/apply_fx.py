@@ -11,13 +11,13 @@ import copy
 from collections import Counter
 
 import torch
-from torch import fx
+from torch import fx, nn
 
 from qseg import graph as g
 from qseg.convert.frozen import FrozenLayer, freeze_layer
 from qseg.convert.plan import ConversionPlan, ModelGraph, plan_conversion
 from qseg.convert.report import ConvertReport
-from qseg.nn import ActQuant
+from qseg.nn import ActQuant, ReLUAfterQuant
 from qseg.quantizers import Quantizer
 
 __all__ = ["apply_fx", "convert_fx", "read_fx"]
@@ -95,5 +95,8 @@ def apply_fx(gm: fx.GraphModule, plan: ConversionPlan) -> ConvertReport:
 def convert_fx(qmodel: fx.GraphModule) -> fx.GraphModule:
     """The converted copy of the FX-prepared ``qmodel``, its report attached."""
     gm = copy.deepcopy(qmodel).eval()
+    for module in gm.modules():
+        if type(module) is ReLUAfterQuant:  # only training skips it: deployment rectifies plainly
+            module.__class__ = nn.ReLU
     gm.qseg_convert = apply_fx(gm, plan_conversion(read_fx(gm)))
     return gm

@@ -135,6 +135,14 @@ class Quantizer(nn.Module):
     #: can (``Uniform``) then quantizes in the input's own buffer while training, which
     #: spares a full-size allocation per step. Off for a quantizer used on its own.
     overwrites_input: bool = False
+    #: Its training path can also give the gradient of a ReLU that reads its output
+    #: (``Uniform``; :func:`~qseg.quantizers.fused.ste_fake_quant`'s ``relu``).
+    can_absorb_relu: bool = False
+    #: Set by ``prepare`` on an unsigned activation quantizer whose only reader is a ReLU
+    #: module: while training it gives that ReLU's gradient too, and the ReLU (made a
+    #: :class:`~qseg.nn.ReLUAfterQuant`) passes its output on untouched, since a grid
+    #: from 0 leaves it nothing to rectify.
+    absorbs_relu: bool = False
 
     @property
     def bits(self) -> int:

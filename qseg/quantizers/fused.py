@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import torch
 
+from qseg.errors import QuantizerError
+
 __all__ = ["lsq_fake_quant", "ste_fake_quant"]
 
 # torch >= 2.1 tells a backward whether its graph task keeps the graph; without it, assume it does
@@ -83,14 +85,23 @@ def _overwritable(x: torch.Tensor, dtype: torch.dtype) -> bool:
     return x.dtype == dtype and not x._is_view() and not (x.is_leaf and x.requires_grad)
 
 
+def _check_relu(relu: bool, lo: float) -> None:
+    if relu and lo != 0:
+        # below 0 a ReLU would change the values too, not only the gradient
+        raise QuantizerError(
+            f"relu=True needs a grid whose lowest value is 0; this one starts at code {lo:g}"
+        )
+
+
 class _SteFakeQuant(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, scale, lo: float, hi: float, dtype: torch.dtype, overwrite: bool):
+    def forward(ctx, x, scale, lo: float, hi: float, dtype: torch.dtype, overwrite: bool, relu: bool):
         s = scale.detach().to(dtype)
         codes = (x.div_(s) if overwrite else torch.div(x.detach().to(dtype), s)).round_()
-        # the gradient passes where round(x / s) needed no clamping (NaN: no)
-        ctx.save_for_backward(codes.clamp(lo, hi).eq_(codes))
-        ctx.x_dtype = x.dtype
+        # the gradient passes where round(x / s) needed no clamping (NaN: no); with the
+        # ReLU's gradient, only where the code is 1 or more (the ReLU's output not 0)
+        ctx.save_for_backward(codes.clamp(1.0 if relu else lo, hi).eq_(codes))
+        ctx.x_dtype, ctx.relu_applied = x.dtype, relu
         out = codes.clamp_(lo, hi).mul_(s)
         if overwrite:
             ctx.mark_dirty(x)
@@ -101,7 +112,7 @@ class _SteFakeQuant(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         (mask,) = ctx.saved_tensors
         grad_x = _masked_grad(grad, mask, ctx.x_dtype) if ctx.needs_input_grad[0] else None
-        return grad_x, None, None, None, None, None
+        return grad_x, None, None, None, None, None, None
 
 
 class _LsqFakeQuant(torch.autograd.Function):
@@ -112,12 +123,18 @@ class _LsqFakeQuant(torch.autograd.Function):
     (``_offset``) chosen so that no bound lies within 0.5 of it; inside is then
     ``|w - offset| <= 0.5`` (one comparison when a bound is 0: the inside values then lie
     on the other side of 0 than both bounds), and ``sum(grad * e)`` is ``sum(grad * w)``
-    less ``offset`` times the sum of the gradient passed to ``x``. One full-size buffer is saved, and
-    the output is written over the quotient (or over ``x`` itself, ``overwrite``).
+    less ``offset`` times the sum of the gradient passed to ``x``. One full-size buffer is
+    saved, and the output is written over the quotient (or over ``x`` itself, ``overwrite``).
+
+    With ``relu`` (a grid from 0, read by a ReLU alone) the elements whose code is 0 are
+    stored as the bound 0 is: the ReLU passes them no gradient, so they give none to ``x``
+    and add nothing to the scale's.
     """
 
     @staticmethod
-    def forward(ctx, x, scale, lo: float, hi: float, g: float, dtype: torch.dtype, overwrite: bool):
+    def forward(
+        ctx, x, scale, lo: float, hi: float, g: float, dtype: torch.dtype, overwrite: bool, relu: bool
+    ):
         s = scale.detach().to(dtype)
         v = x.div_(s) if overwrite else torch.div(x.detach().to(dtype), s)
         w = v.clamp(lo, hi)
@@ -128,6 +145,10 @@ class _LsqFakeQuant(torch.autograd.Function):
         # v becomes m * (c - offset), m the inside mask and c the clamped quotient
         if offset == 0.0:
             v.mul_(w)
+        elif relu:
+            # m * c kept only where it rounds to 1 or more (c > 0.5, ties to even), then
+            # (c + 1) there and 0 elsewhere: c + 1 >= 1.5 is above the threshold 1
+            torch.threshold_(torch.threshold_(v.mul_(w), 0.5, 0.0).add_(1.0), 1.0, 0.0)
         elif offset < 0.0:
             torch.addcmul(v, v, w, out=v)
         else:
@@ -140,7 +161,7 @@ class _LsqFakeQuant(torch.autograd.Function):
         out = v.add_(w).mul_(s)
         ctx.save_for_backward(w, scale)
         ctx.g, ctx.offset = g, offset
-        ctx.x_dtype = x.dtype
+        ctx.x_dtype, ctx.relu_applied = x.dtype, relu
         if overwrite:
             ctx.mark_dirty(x)
             return x
@@ -169,12 +190,12 @@ class _LsqFakeQuant(torch.autograd.Function):
                 e_dot = e_dot - offset * _sum_to(grad_x, scale)
             grad_s = (e_dot * ctx.g).to(scale.dtype)
         if not ctx.needs_input_grad[0]:
-            return None, grad_s, None, None, None, None, None
-        return grad_x.to(ctx.x_dtype), grad_s, None, None, None, None, None
+            return None, grad_s, None, None, None, None, None, None
+        return grad_x.to(ctx.x_dtype), grad_s, None, None, None, None, None, None
 
 
 def ste_fake_quant(
-    x: torch.Tensor, scale: torch.Tensor, lo: int, hi: int, overwrite: bool = False
+    x: torch.Tensor, scale: torch.Tensor, lo: int, hi: int, overwrite: bool = False, relu: bool = False
 ) -> torch.Tensor:
     """``clamp(round(x / scale), lo, hi) * scale`` with the clipped straight-through
     gradient: ``x`` gets the incoming gradient where ``round(x / scale)`` lies in
@@ -188,6 +209,11 @@ def ste_fake_quant(
     view, a leaf that asks for a gradient or not of the compute dtype, a fresh buffer
     is used all the same.
 
+    ``relu=True`` (``lo`` must be 0) also gives the gradient of a ReLU applied to the
+    result: none where the code is 0. The ReLU itself then changes nothing and need not
+    run: :class:`~qseg.nn.ReLUAfterQuant` passes on a result whose ``grad_fn`` says
+    ``relu_applied``.
+
     Example:
         >>> import torch
         >>> x = torch.tensor([0.26, -1.0, 0.74, float("nan")], requires_grad=True)
@@ -200,11 +226,18 @@ def ste_fake_quant(
     """
     dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
     overwrite = overwrite and _overwritable(x, dtype)
-    return _SteFakeQuant.apply(x, scale, float(lo), float(hi), dtype, overwrite)
+    _check_relu(relu, lo)
+    return _SteFakeQuant.apply(x, scale, float(lo), float(hi), dtype, overwrite, relu)
 
 
 def lsq_fake_quant(
-    x: torch.Tensor, scale: torch.Tensor, lo: int, hi: int, grad_scale: float, overwrite: bool = False
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    lo: int,
+    hi: int,
+    grad_scale: float,
+    overwrite: bool = False,
+    relu: bool = False,
 ) -> torch.Tensor:
     """LSQ (Esser et al. 2020): ``round(clamp(x / scale, lo, hi)) * scale`` whose round
     is straight-through, so that
@@ -214,7 +247,7 @@ def lsq_fake_quant(
       inside the range and ``lo`` / ``hi`` below / above it, summed over every
       dimension ``scale`` broadcasts along.
 
-    ``overwrite`` as in :func:`ste_fake_quant`.
+    ``overwrite`` and ``relu`` as in :func:`ste_fake_quant`.
 
     Example:
         >>> import torch
@@ -229,4 +262,5 @@ def lsq_fake_quant(
     """
     dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
     overwrite = overwrite and _overwritable(x, dtype)
-    return _LsqFakeQuant.apply(x, scale, float(lo), float(hi), float(grad_scale), dtype, overwrite)
+    _check_relu(relu, lo)
+    return _LsqFakeQuant.apply(x, scale, float(lo), float(hi), float(grad_scale), dtype, overwrite, relu)

@@ -76,6 +76,7 @@ class Uniform(Quantizer):
     """
 
     calibrated = True
+    can_absorb_relu = True
 
     def __init__(
         self,
@@ -302,11 +303,13 @@ class Uniform(Quantizer):
             # round and the final multiply; g balances it against the weights' gradients
             per_scale = x.numel() // max(self.scale.numel(), 1)
             g = 1.0 / math.sqrt(per_scale * self.qmax)
-            return lsq_fake_quant(x, scale, lo, hi, g, overwrite=self.overwrites_input)
+            return lsq_fake_quant(
+                x, scale, lo, hi, g, overwrite=self.overwrites_input, relu=self.absorbs_relu
+            )
         if torch.is_grad_enabled() and x.requires_grad:
             # ONNX QuantizeLinear's order, round(x / s) + zero point then saturate, with the
             # gradient passing where nothing was clamped; one fused autograd function
-            return ste_fake_quant(x, scale, lo, hi, overwrite=self.overwrites_input)
+            return ste_fake_quant(x, scale, lo, hi, overwrite=self.overwrites_input, relu=self.absorbs_relu)
         with torch.no_grad():
             # the same values without the mask nobody will use (eval, calibration, export)
             s = scale.detach().to(dtype)

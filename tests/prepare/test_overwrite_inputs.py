@@ -13,7 +13,7 @@ from torch import fx, nn
 import qseg
 from qseg.graph import QsegTracer
 from qseg.models import PaperUNet
-from qseg.nn import ActQuant
+from qseg.nn import ActQuant, ReLUAfterQuant
 from qseg.passes import mark_overwritable_inputs
 from qseg.quantizers import Uniform
 
@@ -111,3 +111,41 @@ def test_a_training_step_is_the_same_with_and_without_overwriting(recipe, model,
     assert torch.equal(outputs[0], outputs[1])
     for (name, p), (_, p0) in zip(qmodel.named_parameters(), plain.named_parameters(), strict=True):
         assert torch.equal(p.grad, p0.grad), name
+
+
+def test_a_relu_reading_an_unsigned_quantizer_alone_is_absorbed(example):
+    qmodel = qseg.prepare(PaperUNet(widths=(4, 8, 8, 8)), "int8", example_inputs=example)
+    absorbed = {n for n, m in qmodel.named_modules() if isinstance(m, ActQuant) and m.quantizer.absorbs_relu}
+    relus = [m for m in qmodel.modules() if isinstance(m, nn.ReLU)]
+    # after each BatchNorm: quantizer, then its ReLU; the input and concatenations feed convs
+    assert len(absorbed) == 14 and {"x_act_quant", "cat_act_quant"}.isdisjoint(absorbed)
+    assert len(relus) == 14 and all(isinstance(m, ReLUAfterQuant) for m in relus)
+    # the deployed model rectifies as a plain ReLU would
+    qseg.calibrate(qmodel, [example], progress=False)
+    converted = qseg.convert(qmodel)
+    assert not any(isinstance(m, ReLUAfterQuant) for m in converted.modules())
+
+
+@pytest.mark.parametrize("recipe", ["int8", "w4a8"])
+def test_absorbing_the_relu_keeps_the_values_and_gradients(recipe, example):
+    torch.manual_seed(0)
+    qmodel = qseg.prepare(PaperUNet(widths=(4, 8, 8, 8)), recipe, example_inputs=example)
+    qseg.calibrate(qmodel, [example], progress=False)
+    plain = copy.deepcopy(qmodel)
+    for m in plain.modules():
+        if isinstance(m, ActQuant):
+            m.quantizer.absorbs_relu = False
+        if isinstance(m, ReLUAfterQuant):
+            m.__class__ = nn.ReLU
+    target = (torch.rand(example.shape, generator=torch.Generator().manual_seed(1)) > 0.5).float()
+    outputs = []
+    for m in (qmodel.train(), plain.train()):
+        y = m(example)
+        nn.functional.binary_cross_entropy_with_logits(y, target).backward()
+        outputs.append(y.detach())
+    assert torch.equal(outputs[0], outputs[1])
+    for (name, p), (_, p0) in zip(qmodel.named_parameters(), plain.named_parameters(), strict=True):
+        if name.endswith("quantizer.scale"):  # LSQ's sum, taken in another order
+            torch.testing.assert_close(p.grad, p0.grad, rtol=1e-5, atol=1e-9)
+        else:
+            assert torch.equal(p.grad, p0.grad), name

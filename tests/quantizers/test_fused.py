@@ -25,6 +25,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from strategies import scaled_tensors
 
+from qseg.errors import QuantizerError
 from qseg.quantizers import Uniform
 from qseg.quantizers.base import compute_dtype, straight_through
 
@@ -419,3 +420,40 @@ def test_a_view_a_leaf_or_a_half_input_is_not_overwritten(name):
     assert q(leaf).data_ptr() != leaf.data_ptr()
     half = (_input().requires_grad_(True) * 1.0).to(torch.bfloat16)
     assert q(half).data_ptr() != half.data_ptr()
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+@pytest.mark.parametrize("name", ["uint8", "uint8 LSQ"])
+def test_absorbing_a_relu_gives_the_relus_gradient(name, overwrite):
+    # Quantizer.absorbs_relu: the quantizer followed by torch.relu, in one function whose
+    # output a ReLUAfterQuant may pass on
+    x = _input()
+    q, ref = _both(name, x)
+    x = _ties(q, x)
+    q.absorbs_relu, q.overwrites_input = True, overwrite
+    upstream = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    leaf, leaf0 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    y = q(leaf * 1.0)
+    assert y.grad_fn.relu_applied
+    y0 = torch.relu(eager_forward(ref, leaf0))
+    y.backward(upstream)
+    y0.backward(upstream)
+    assert torch.equal(y.detach().nan_to_num(7.0), y0.detach().nan_to_num(7.0))
+    assert torch.equal(leaf.grad == 0, leaf0.grad == 0)
+    torch.testing.assert_close(leaf.grad, leaf0.grad, rtol=2**-23, atol=0)
+    if q.learn_scale:
+        finite = torch.isfinite(x)
+        q2, ref2 = _both(name, x)
+        q2.absorbs_relu = True
+        xf = torch.where(finite, x, torch.zeros_like(x))
+        q2(xf.clone().requires_grad_(True)).backward(upstream)
+        torch.relu(eager_forward(ref2, xf.clone().requires_grad_(True))).backward(upstream)
+        size = float(upstream.abs().sum()) * q2.qmax / math.sqrt(x.numel() * q2.qmax)
+        assert (q2.scale.grad - ref2.scale.grad).abs().max() <= 1e-5 * size
+
+
+def test_absorbing_a_relu_needs_a_grid_from_zero():
+    q = _activation("symmetric")
+    q.absorbs_relu = True
+    with pytest.raises(QuantizerError, match="lowest value is 0"):
+        q(torch.randn(4, requires_grad=True))
