@@ -10,13 +10,16 @@ b) One training step (forward, BCE-with-logits loss, backward, Adam step) of the
    ``torch.fake_quantize_per_tensor_affine`` on the same grids (a fused C++ kernel,
    the lower bound for fake quantization); prepared with ``int8`` and with ``w4a8``
    (LSQ), calibrated on one image, and the ``int8`` model swapped for torch's
-   per-tensor / per-channel fake quantizers. Rounds are interleaved (one step of each
-   variant per round) so that drift of a shared machine hits all alike; the table
-   reports medians and the ratio to float.
+   per-tensor / per-channel fake quantizers. Each variant trains in a process of its
+   own (an allocator's free memory is per process, and in one shared process each step
+   inherited what the previous variant's step left), and rounds are interleaved (one
+   step of each variant per round, one process at a time) so that drift of a shared
+   machine hits all alike; the table reports medians and the ratio to float.
 
-Allocator: a QAT step allocates more large buffers than the float step (each quantizer's
-output and what its backward keeps), and glibc's malloc maps every buffer above 32 MB afresh
-and returns it on free, so each step pays a page fault per 4 KiB of them again. The header
+Allocator: glibc's malloc maps every buffer above 32 MB afresh and returns it on free, so a
+step pays a page fault per 4 KiB of each such buffer again; a quantizer that added full-size
+buffers would add their faults (qseg's add none over the float step where the graph lets them
+overwrite their input and absorb the ReLU after them: qseg/quantizers/fused.py). The header
 prints the ``MALLOC_*`` settings the run had, and the table each variant's median minor page
 faults and kernel (system) time per step; run it once as is and once with glibc told to keep
 its memory (``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=100000000000``) to see that share.
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import multiprocessing
 import os
 import resource
 import statistics
@@ -197,56 +201,102 @@ def max_logit_diff(a: nn.Module, b: nn.Module, x: torch.Tensor) -> float:
         return (a(x) - b(x)).abs().max().item()
 
 
-def training_table(batch: int, size: int, rounds: int) -> None:
-    print(
-        f"## b) training step (forward + BCE loss + backward + Adam), PaperUNet 4.84M, "
-        f"batch {batch}x1x{size}x{size}, median of {rounds} interleaved rounds"
-    )
-    torch.manual_seed(0)
-    float_model = PaperUNet()
+# (variant, recipe, swap in torch's fake quantizers, goal for the ratio to float)
+VARIANTS: tuple[tuple[str, str | None, bool, float | None], ...] = (
+    ("float", None, False, None),
+    ("qseg prepared (Qa6.0/Qw0.4)", "unet-qa6.0-qw0.4", False, GOAL_RATIO),
+    ("torch fake_quantize, same grids", "unet-qa6.0-qw0.4", True, GOAL_RATIO),
+    ("qseg int8 (calibrated)", "int8", False, GOAL_RATIO_INT),
+    ("qseg w4a8 (LSQ, calibrated)", "w4a8", False, GOAL_RATIO_INT),
+    ("torch fake_quantize, int8 grids", "int8", True, None),
+)
+
+
+def training_data(batch: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(batch, 1, size, size, generator=gen)
-    target = (torch.rand(batch, 1, size, size, generator=gen) > 0.5).float()
-    prepared = qseg.prepare(float_model, example_inputs=x[:1])
-    int8 = qseg.prepare(float_model, "int8", example_inputs=x[:1])
-    w4a8 = qseg.prepare(float_model, "w4a8", example_inputs=x[:1])
-    for model in (int8, w4a8):  # activation ranges from one image, as a user would calibrate
+    return x, (torch.rand(batch, 1, size, size, generator=gen) > 0.5).float()
+
+
+def make_variant(recipe: str | None, torch_swap: bool, x: torch.Tensor) -> nn.Module:
+    """The paper U-Net (seed 0), prepared with ``recipe`` and, for the calibrated recipes,
+    calibrated on one image as a user would; the same model in every process."""
+    torch.manual_seed(0)
+    model = PaperUNet()
+    if recipe is None:
+        return model
+    model = qseg.prepare(model, recipe, example_inputs=x[:1])
+    if recipe in ("int8", "w4a8"):
         qseg.calibrate(model, [x[:1]], progress=False)
-    torch_fq = with_torch_fake_quant(prepared)
-    int8_fq = with_torch_fake_quant(int8)
+    return with_torch_fake_quant(model) if torch_swap else model
+
+
+def _train_worker(index: int, batch: int, size: int, threads: int, conn) -> None:
+    """One variant in a process of its own: build, warm up, then one timed step per request."""
+    torch.set_num_threads(threads)
+    _, recipe, torch_swap, _ = VARIANTS[index]
+    x, target = training_data(batch, size)
+    trainer = Trainer(make_variant(recipe, torch_swap, x), x, target)
+    for _ in range(2):
+        trainer.step(record=False)
+    conn.send("ready")
+    while conn.recv() == "step":
+        trainer.step()
+        conn.send((trainer.times[-1], trainer.faults[-1], trainer.system[-1]))
+
+
+def training_table(batch: int, size: int, rounds: int, threads: int) -> None:
+    print(
+        f"## b) training step (forward + BCE loss + backward + Adam), PaperUNet 4.84M, "
+        f"batch {batch}x1x{size}x{size}, median of {rounds} interleaved rounds, one process per variant"
+    )
+    x, _ = training_data(batch, size)
     # the swaps are faithful: the same grids, rounding and clipped STE give the same
     # logits, up to torch's x * (1/s) against qseg's x / s at near-ties
     diffs = {
-        "Qa6.0/Qw0.4": max_logit_diff(prepared, torch_fq, x[:1]),
-        "int8": max_logit_diff(int8, int8_fq, x[:1]),
+        recipe: max_logit_diff(make_variant(recipe, False, x), make_variant(recipe, True, x), x[:1])
+        for recipe in ("unet-qa6.0-qw0.4", "int8")
     }
-    trainers = {
-        "float": (Trainer(float_model, x, target), None),
-        "qseg prepared (Qa6.0/Qw0.4)": (Trainer(prepared, x, target), GOAL_RATIO),
-        "torch fake_quantize, same grids": (Trainer(torch_fq, x, target), GOAL_RATIO),
-        "qseg int8 (calibrated)": (Trainer(int8, x, target), GOAL_RATIO_INT),
-        "qseg w4a8 (LSQ, calibrated)": (Trainer(w4a8, x, target), GOAL_RATIO_INT),
-        "torch fake_quantize, int8 grids": (Trainer(int8_fq, x, target), None),
-    }
-    for trainer, _ in trainers.values():  # warm-up
-        for _ in range(2):
-            trainer.step(record=False)
-    for _ in range(rounds):
-        for trainer, _ in trainers.values():
-            trainer.step()
-    base = statistics.median(trainers["float"][0].times)
+    # A process per variant: glibc's heap is per process, and in one process each step
+    # inherits the free memory the previous variant's step left (measured: float 305 k page
+    # faults per step there, 496 k alone), which skews the ratios. Only one process steps
+    # at a time, round by round, so that drift of a shared machine hits all alike.
+    context = multiprocessing.get_context("spawn")
+    workers = []
+    for index in range(len(VARIANTS)):
+        ours, theirs = context.Pipe()
+        process = context.Process(
+            target=_train_worker, args=(index, batch, size, threads, theirs), daemon=True
+        )
+        process.start()
+        workers.append((process, ours))
+    results: list[list[tuple[float, int, float]]] = [[] for _ in VARIANTS]
+    try:
+        for _, conn in workers:
+            conn.recv()  # ready
+        for _ in range(rounds):
+            for (_, conn), timed in zip(workers, results, strict=True):
+                conn.send("step")
+                timed.append(conn.recv())
+    finally:
+        for process, conn in workers:
+            conn.send("stop")
+            process.join(timeout=60)
+    base = statistics.median(t for t, _, _ in results[0])
     print(
         f"| {'variant':<32} | {'median ms':>9} | {'vs float':>8} | {'goal':>7} | {'ok':<3} | "
         f"{'page faults':>11} | {'kernel ms':>9} |"
     )
     print(f"|{'-' * 34}|{'-' * 11}|{'-' * 10}|{'-' * 9}|{'-' * 5}|{'-' * 13}|{'-' * 11}|")
-    for name, (trainer, goal) in trainers.items():
-        ratio = statistics.median(trainer.times) / base
+    for (name, _, _, goal), timed in zip(VARIANTS, results, strict=True):
+        median = statistics.median(t for t, _, _ in timed)
+        ratio = median / base
         shown = "" if goal is None else f"<= {goal:g}"
         ok = "" if goal is None else ("yes" if ratio <= goal else "NO")
-        faults, system = statistics.median(trainer.faults), statistics.median(trainer.system)
+        faults = statistics.median(f for _, f, _ in timed)
+        system = statistics.median(k for _, _, k in timed)
         print(
-            f"| {name:<32} | {statistics.median(trainer.times) * 1e3:9.1f} | {ratio:8.2f} | {shown:>7} | {ok:<3} | "
+            f"| {name:<32} | {median * 1e3:9.1f} | {ratio:8.2f} | {shown:>7} | {ok:<3} | "
             f"{faults:11.0f} | {system * 1e3:9.0f} |"
         )
     for recipe, diff in diffs.items():
@@ -273,7 +323,7 @@ def main() -> None:
         prepare_table()
     if args.only != "prepare":
         print()
-        training_table(args.batch, args.size, args.rounds)
+        training_table(args.batch, args.size, args.rounds, args.threads)
 
 
 if __name__ == "__main__":

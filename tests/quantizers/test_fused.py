@@ -457,3 +457,31 @@ def test_absorbing_a_relu_needs_a_grid_from_zero():
     q.absorbs_relu = True
     with pytest.raises(QuantizerError, match="lowest value is 0"):
         q(torch.randn(4, requires_grad=True))
+
+
+@given(
+    x=scaled_tensors(),
+    bits=st.integers(2, 10),
+    learn=st.booleans(),
+    overwrite=st.booleans(),
+    relu=st.booleans(),
+)
+def test_property_overwriting_and_absorbing_a_relu_keep_the_eager_values(x, bits, learn, overwrite, relu):
+    # invariant: on any data, an unsigned quantizer computing in its input's buffer and/or
+    # giving a following ReLU's gradient gives the eager chain's values (then torch.relu) and
+    # a gradient to x that is zero exactly where the eager one is, equal up to one rounding
+    q = Uniform(bits, mode="unsigned", learn_scale=learn)
+    q.init_from(x)
+    ref = Uniform(bits, mode="unsigned", learn_scale=learn)
+    ref.load_state_dict(q.state_dict())
+    q.overwrites_input, q.absorbs_relu = overwrite, relu
+    upstream = torch.linspace(-1.0, 2.0, x.numel())
+    leaf, leaf0 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    y = q(leaf * 1.0)
+    y0 = eager_forward(ref, leaf0)
+    y0 = torch.relu(y0) if relu else y0
+    y.backward(upstream)
+    y0.backward(upstream)
+    assert torch.equal(y.detach(), y0.detach())
+    assert torch.equal(leaf.grad == 0, leaf0.grad == 0)
+    torch.testing.assert_close(leaf.grad, leaf0.grad, rtol=2**-23, atol=0)
