@@ -9,7 +9,7 @@ import torch
 from torch import fx, nn
 
 from qseg import graph as g
-from qseg.nn import QUANTIZED, ActQuant
+from qseg.nn import QUANTIZED, ActQuant, ReLUAfterQuant
 from qseg.quantizers import Quantizer
 
 
@@ -48,6 +48,41 @@ def check_invariants(qmodel: nn.Module, first: set[str] | None = None, last: set
             if spec is not None:
                 assert torch.equal(spec.dequantize(spec.codes(q)).to(q.dtype), q), name
             assert torch.equal(module.weight_quant(q), q) or spec is None, f"{name}: not idempotent"
+
+
+def without_training_shortcuts(qmodel: nn.Module) -> nn.Module:
+    """``qmodel`` with what ``prepare`` set to spare buffers in training turned off, in place:
+    no quantizer overwrites its input or gives a ReLU's gradient, and the ReLUs are plain."""
+    for m in qmodel.modules():
+        if isinstance(m, ActQuant):
+            m.quantizer.overwrites_input = m.quantizer.absorbs_relu = False
+        if type(m) is ReLUAfterQuant:
+            m.__class__ = nn.ReLU
+    return qmodel
+
+
+def step_gradients(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor | None]]:
+    """One seeded forward and backward (train mode, squared output as the loss, stochastic
+    layers drawing alike on every call): the output and every parameter's gradient."""
+    model.train()
+    torch.manual_seed(0)
+    out = model(x)
+    outs = list(out.values()) if isinstance(out, dict) else out if isinstance(out, (tuple, list)) else [out]
+    sum(o.float().pow(2).mean() for o in outs).backward()
+    grads = {n: None if p.grad is None else p.grad.detach().clone() for n, p in model.named_parameters()}
+    return outs[0].detach(), grads
+
+
+def assert_same_gradients(a: dict, b: dict) -> None:
+    """Equal gradients, bit for bit, but LSQ's learned scales, whose sum may run in another order."""
+    assert a.keys() == b.keys()
+    for name, grad in a.items():
+        if grad is None or b[name] is None:
+            assert grad is None and b[name] is None, name
+        elif name.endswith("scale"):
+            torch.testing.assert_close(grad, b[name], rtol=1e-4, atol=1e-8, msg=lambda m, n=name: f"{n}: {m}")
+        else:
+            assert torch.equal(grad, b[name]), name
 
 
 def one_training_step(qmodel: nn.Module, x: torch.Tensor) -> float:

@@ -11,9 +11,16 @@ mark is removed.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
-from prepare.helpers import one_training_step
+from prepare.helpers import (
+    assert_same_gradients,
+    one_training_step,
+    step_gradients,
+    without_training_shortcuts,
+)
 
 import qseg
 from zoo.catalog import zoo
@@ -59,3 +66,19 @@ def test_recipe_calibrates_and_converts(name, recipe, zoo_packages, request):
         assert moved, "no learned scale moved in a training step"
     qmodel.eval()
     agreement(qmodel, qseg.convert(qmodel), x).check()
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize("name", list(ENTRIES))
+def test_training_shortcuts_keep_every_gradient(name, recipe, zoo_packages):
+    # prepare lets quantizers overwrite inputs nothing else reads and absorb the ReLU after an
+    # unsigned grid (qseg/passes/overwrite_inputs.py, absorb_relu.py): that changes which
+    # buffers a training step allocates, never what it computes, on real models too (shared
+    # and in-place ReLU modules, residual blocks, attention gates)
+    entry = ENTRIES[name]
+    zoo_packages(entry)
+    qmodel, x, _ = calibrated(entry, recipe)
+    plain = without_training_shortcuts(copy.deepcopy(qmodel))
+    (y, grads), (y0, grads0) = step_gradients(qmodel, x), step_gradients(plain, x)
+    assert torch.equal(y, y0)
+    assert_same_gradients(grads, grads0)
