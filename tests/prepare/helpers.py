@@ -50,6 +50,17 @@ def check_invariants(qmodel: nn.Module, first: set[str] | None = None, last: set
             assert torch.equal(module.weight_quant(q), q) or spec is None, f"{name}: not idempotent"
 
 
+def _output_tensors(out: object) -> list[torch.Tensor]:
+    """A model's output as a list: one tensor, a tuple or list of them, or a dict's values."""
+    if isinstance(out, dict):
+        return list(out.values())
+    return list(out) if isinstance(out, (tuple, list)) else [out]
+
+
+def _squared_loss(outs: list[torch.Tensor]) -> torch.Tensor:
+    return sum(o.float().pow(2).mean() for o in outs)
+
+
 def without_training_shortcuts(qmodel: nn.Module) -> nn.Module:
     """``qmodel`` with what ``prepare`` set to spare buffers in training turned off, in place:
     no quantizer overwrites its input or gives a ReLU's gradient, and the ReLUs are plain."""
@@ -66,9 +77,8 @@ def step_gradients(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dic
     layers drawing alike on every call): the output and every parameter's gradient."""
     model.train()
     torch.manual_seed(0)
-    out = model(x)
-    outs = list(out.values()) if isinstance(out, dict) else out if isinstance(out, (tuple, list)) else [out]
-    sum(o.float().pow(2).mean() for o in outs).backward()
+    outs = _output_tensors(model(x))
+    _squared_loss(outs).backward()
     grads = {n: None if p.grad is None else p.grad.detach().clone() for n, p in model.named_parameters()}
     return outs[0].detach(), grads
 
@@ -91,11 +101,7 @@ def one_training_step(qmodel: nn.Module, x: torch.Tensor) -> float:
     qmodel.train()
     before = {n: p.detach().clone() for n, p in qmodel.named_parameters()}
     opt = torch.optim.Adam(qmodel.parameters(), lr=1e-2)
-    out = qmodel(x)
-    outs = out if isinstance(out, (tuple, list)) else [out]
-    if isinstance(out, dict):
-        outs = list(out.values())
-    loss = sum(o.float().pow(2).mean() for o in outs)
+    loss = _squared_loss(_output_tensors(qmodel(x)))
     assert torch.isfinite(loss), loss
     opt.zero_grad()
     loss.backward()
