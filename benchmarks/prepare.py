@@ -41,7 +41,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from machine import cpu_name  # benchmarks/machine.py (scripts run from this folder)
+from machine import cpu_name, torch_kernels  # benchmarks/machine.py (scripts run from this folder)
 from torch import nn
 
 import qseg
@@ -317,6 +317,7 @@ def main() -> None:
 
     malloc = " ".join(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_"))
     print(f"# torch {torch.__version__}, {cpu_name()}, {torch.get_num_threads()} threads")
+    print(f"# kernels: {torch_kernels()}")
     print(f"# allocator: glibc malloc, {malloc or 'default settings'}")
     if args.only != "training":
         print()
