@@ -5,8 +5,10 @@ activation quantizer is ``QuantizeLinear -> integer Clip -> DequantizeLinear``,
 the form its QLinearConv fusion needs. OpenVINO turns that Clip into a Convert,
 a Clamp and a Convert back that its low-precision passes cannot fuse into the
 convolutions (measured: about 12 % of the U-Net's latency). So the IR is
-converted from a copy of the ONNX graph rewritten in four exact steps
-(:func:`openvino_form`):
+converted from a copy of the ONNX graph rewritten in six exact steps
+(:func:`openvino_form`; a quantizer here is ``QuantizeLinear -> integer Clip ->
+DequantizeLinear``, or ``QuantizeLinear -> DequantizeLinear`` where its codes use
+their whole type, with one scale and zero point):
 
 1. a quantizer after a ``Concat`` moves onto the Concat's inputs that are not on
    its grid already (the skip connection of a U-Net is): quantizing element-wise
@@ -21,7 +23,20 @@ converted from a copy of the ONNX graph rewritten in four exact steps
 
 4. every ``InstanceNormalization`` and ``GroupNormalization`` reads its input plus
    :data:`NORM_GUARD` (2^-100), which changes no float32 value of magnitude 2^-75 or
-   more.
+   more, but one that step 5 gives codes;
+5. a norm whose input is a quantizer's output, read by nothing else (the
+   ``quantize_norm_inputs`` placement; also through data-movement ops, as step 6
+   leaves a transposed conv's), reads the codes instead: the DequantizeLinear
+   gets scale 1 and zero point 0 and the norm's epsilon becomes ``eps / s**2``.
+   InstanceNorm and GroupNorm normalize each sample with its own mean and variance, so
+   ``norm(s * (q - zp); eps) == norm(q; eps / s**2)`` (up to float rounding of the
+   statistics, the one step that is not bit-exact);
+6. a quantizer that reads a Reshape, Transpose, Slice, Squeeze, Unsqueeze or Flatten
+   moves onto that op's input (when it is the only reader each way): the op then
+   moves codes. The phase interleave of a transposed conv (:mod:`qseg.convert.phases`)
+   then runs on 8-bit values, and the phase conv writes them.
+
+Steps run in the order 1, 6, 2, 5, 3, 4.
 
 OpenVINO reads each ``Clip -> Q -> DQ`` as a Clamp and one FakeQuantize from 0,
 and fuses both into the producing convolution, as it does for NNCF's models.
@@ -29,7 +44,7 @@ Other grids (signed codes) keep the integer Clip: OpenVINO would read their
 ``Q -> DQ`` as a FakeQuantize whose input range starts below 0, and computing
 ``x - low`` in float32 moves values next to a rounding tie onto it (measured).
 
-Step 4 keeps OpenVINO from changing a norm. Its low-precision pass moves a
+Steps 4 and 5 keep OpenVINO from changing a norm. Its low-precision pass moves a
 dequantization scale that reaches an MVN (the form both norms take there) to after
 it, and normalizes the unscaled integers with the same epsilon: the norm then
 computes ``(x - mean) / sqrt(var + eps * s**2)``, in effect eps = 0. It happens where
@@ -40,7 +55,9 @@ nnU-Net's ResidualEncoderUNet, whose shortcut convs have no bias, lost 0.5 % of 
 pixels' classes at 4-bit weights). A constant added after the scale stops the move
 (the pass folds it into the dequantization as a subtraction, and a norm after one is
 left in float); a zero would be removed as a no-op, so the constant is the smallest
-power of two that changes nothing a norm could see.
+power of two that changes nothing a norm could see. Step 5 avoids the move instead of
+stopping it: a dequantization of scale 1 and zero point 0 has nothing to move, and the
+norm, which then runs on 8-bit input, already has the epsilon of the codes.
 """
 
 from __future__ import annotations
@@ -64,8 +81,9 @@ GUARDED_NORMS = ("InstanceNormalization", "GroupNormalization")
 class OpenVINOForm:
     """What :func:`openvino_form` changed: quantizers moved onto a Concat's inputs,
     quantizers dropped (their input was on their grid), integer Clips moved
-    before their QuantizeLinear (grids whose lowest code is the zero point), and norms
-    that read their input plus :data:`NORM_GUARD`.
+    before their QuantizeLinear (grids whose lowest code is the zero point), norms
+    that read their input plus :data:`NORM_GUARD`, norms that read a quantizer's codes
+    (step 5), and quantizers moved above a data-movement op (step 6).
 
     Example:
         >>> OpenVINOForm(moved_through_concat=3, dropped=13, clips_moved=17, norms_guarded=0).dropped
@@ -76,11 +94,15 @@ class OpenVINOForm:
     dropped: int
     clips_moved: int
     norms_guarded: int
+    norms_on_codes: int = 0
+    moved_above_data_movement: int = 0
 
 
 @dataclass(frozen=True)
 class _Chain:
-    """``QuantizeLinear -> Clip -> DequantizeLinear`` with scalar constant parameters."""
+    """``QuantizeLinear -> Clip -> DequantizeLinear`` with scalar constant parameters;
+    ``clip`` is None where the codes use their whole type (``lo``, ``hi`` its bounds) and
+    the exporter wrote no Clip."""
 
     q: object  # onnx.NodeProto
     clip: object
@@ -141,17 +163,36 @@ class _QdqGraph:
             if q.op_type != "QuantizeLinear" or len(q.input) < 3:
                 continue
             clip = self.only_user(q.output[0], "Clip")
-            dq = clip and self.only_user(clip.output[0], "DequantizeLinear")
-            if dq is None or len(dq.input) < 3 or len(clip.input) < 3:
+            if clip is None:
+                dq = self.only_user(q.output[0], "DequantizeLinear")
+            else:
+                dq = self.only_user(clip.output[0], "DequantizeLinear") if len(clip.input) == 3 else None
+            if dq is None or len(dq.input) < 3:
                 continue
-            params = [self.scalar(n) for n in (*q.input[1:3], *clip.input[1:3], *dq.input[1:3])]
-            if any(p is None for p in params):
+            params = [self.scalar(n) for n in (*q.input[1:3], *dq.input[1:3])]
+            bounds = [self.scalar(n) for n in clip.input[1:3]] if clip is not None else []
+            if any(p is None for p in params + bounds):
                 continue
-            scale, zero, lo, hi, dq_scale, dq_zero = params
+            scale, zero, dq_scale, dq_zero = params
             if scale != dq_scale or zero != dq_zero:
                 continue
-            found.append(_Chain(q, clip, dq, float(scale), int(zero), int(lo), int(hi)))
+            codes = np.iinfo(zero.dtype)
+            lo, hi = (int(b) for b in bounds) if bounds else (codes.min, codes.max)
+            found.append(_Chain(q, clip, dq, float(scale), int(zero), lo, hi))
         return found
+
+    def quantizer_nodes(self, chain: _Chain, x: str, stem: str) -> list:
+        """A copy of ``chain``'s nodes reading ``x``, its output named ``stem``."""
+        from onnx import helper
+
+        nodes = [helper.make_node("QuantizeLinear", [x, *chain.q.input[1:]], [f"{stem}_q"], name=f"{stem}_q")]
+        codes = f"{stem}_q"
+        if chain.clip is not None:
+            clip = helper.make_node("Clip", [codes, *chain.clip.input[1:]], [f"{stem}_c"], name=f"{stem}_c")
+            nodes.append(clip)
+            codes = f"{stem}_c"
+        nodes.append(helper.make_node("DequantizeLinear", [codes, *chain.dq.input[1:]], [stem], name=stem))
+        return nodes
 
     def grid(self, name: str, by_output: dict[str, _Chain]) -> tuple[float, int, int, int] | None:
         """The grid ``(scale, zero, lo, hi)`` the value ``name`` provably lies on: a
@@ -180,7 +221,7 @@ class _QdqGraph:
 
     def bypass(self, chain: _Chain, source: str) -> None:
         """Remove ``chain``; its consumers read ``source`` instead."""
-        doomed = {id(chain.q), id(chain.clip), id(chain.dq)}
+        doomed = {id(n) for n in (chain.q, chain.clip, chain.dq) if n is not None}
         self.nodes = [n for n in self.nodes if id(n) not in doomed]
         for node in self.nodes:
             for i, name in enumerate(node.input):
@@ -201,8 +242,6 @@ class _QdqGraph:
 
 
 def _push_one_through_concat(graph: _QdqGraph) -> bool:
-    from onnx import helper
-
     for chain in graph.chains():
         concat = graph.producer.get(chain.q.input[0])
         if (
@@ -220,15 +259,7 @@ def _push_one_through_concat(graph: _QdqGraph) -> bool:
             if chain.keeps(graph.grid(name, by_output)):
                 continue
             stem = f"{chain.dq.output[0]}__input{k}"
-            added += [
-                helper.make_node(
-                    "QuantizeLinear", [name, *chain.q.input[1:]], [f"{stem}_q"], name=f"{stem}_q"
-                ),
-                helper.make_node(
-                    "Clip", [f"{stem}_q", *chain.clip.input[1:]], [f"{stem}_c"], name=f"{stem}_c"
-                ),
-                helper.make_node("DequantizeLinear", [f"{stem}_c", *chain.dq.input[1:]], [stem], name=stem),
-            ]
+            added += graph.quantizer_nodes(chain, name, stem)
             concat.input[k] = stem
         at = graph.nodes.index(concat)
         graph.nodes[at:at] = added
@@ -248,11 +279,48 @@ def _drop_one_redundant(graph: _QdqGraph) -> bool:
     return False
 
 
+#: Ops that only move, select or relabel their first input's values: a quantizer with one
+#: scale and zero point gives the same codes before them as after them.
+DATA_MOVEMENT = ("Reshape", "Transpose", "Slice", "Squeeze", "Unsqueeze", "Flatten")
+
+
+def _push_one_above_data_movement(graph: _QdqGraph) -> bool:
+    """Move a quantizer that reads a Reshape / Transpose / Slice... (its only reader, which
+    is its input's only reader) onto that op's input: the op then moves codes, not floats.
+    A transposed conv computed as phase convs (docs/export.md) ends in such an
+    interleave, which OpenVINO then runs on 8-bit values, and the conv writes them."""
+    for chain in graph.chains():
+        op = graph.producer.get(chain.q.input[0])
+        if (
+            op is None
+            or op.op_type not in DATA_MOVEMENT
+            or graph.only_user(op.output[0], "QuantizeLinear") is not chain.q
+            or chain.dq.output[0] in graph.graph_outputs
+        ):
+            continue
+        source = op.input[0]
+        if (
+            source not in graph.producer
+            or len(graph.users.get(source, [])) != 1
+            or source in graph.graph_outputs
+        ):
+            continue
+        stem = f"{chain.dq.output[0]}__above_{op.name or op.output[0]}"
+        at = graph.nodes.index(op)
+        graph.nodes[at:at] = graph.quantizer_nodes(chain, source, stem)
+        op.input[0] = stem
+        graph.bypass(chain, op.output[0])
+        return True
+    return False
+
+
 def _clip_before_quantize(graph: _QdqGraph) -> int:
     from onnx import helper, numpy_helper
 
     moved = 0
     for chain in graph.chains():
+        if chain.clip is None:
+            continue  # the codes use their whole type: nothing to clamp
         scale = graph.scalar(chain.q.input[1])
         codes = np.iinfo(graph.scalar(chain.q.input[2]).dtype)
         if codes.min != chain.zero:
@@ -278,7 +346,7 @@ def _clip_before_quantize(graph: _QdqGraph) -> int:
             ),
         ]
         at = graph.nodes.index(chain.q)
-        doomed = {id(chain.q), id(chain.clip), id(chain.dq)}
+        doomed = {id(n) for n in (chain.q, chain.clip, chain.dq) if n is not None}
         graph.nodes[at:at] = added
         graph.nodes = [n for n in graph.nodes if id(n) not in doomed]
         moved += 1
@@ -286,13 +354,56 @@ def _clip_before_quantize(graph: _QdqGraph) -> int:
     return moved
 
 
-def _guard_norms(graph: _QdqGraph) -> int:
+def _norms_on_codes(graph: _QdqGraph) -> set[str]:
+    """Step 5: a quantizer read only by per-sample norms hands them its codes. Its
+    DequantizeLinear gets scale 1 and zero point 0, and each norm's epsilon becomes
+    ``eps / s**2``: ``norm(s * (q - zp); eps) == norm(q; eps / s**2)``, since a norm
+    over each sample's own statistics ignores a shift of its whole input and a positive
+    scale whose square scales epsilon. Returns the norms' output names."""
+    from onnx import helper, numpy_helper
+
+    on_codes = set()
+    for chain in graph.chains():
+        # through ops that only move values (a phase interleave after step 6): every value
+        # they pass on is still s * (q - zp)
+        name = chain.dq.output[0]
+        norms = graph.users.get(name, [])
+        while len(norms) == 1 and norms[0].op_type in DATA_MOVEMENT and norms[0].input[0] == name:
+            if name in graph.graph_outputs:
+                break
+            name = norms[0].output[0]
+            norms = graph.users.get(name, [])
+        if (
+            name in graph.graph_outputs
+            or not chain.scale > 0
+            or not norms
+            or any(n.op_type not in GUARDED_NORMS or list(n.input).index(name) != 0 for n in norms)
+        ):
+            continue
+        stem = chain.dq.output[0]
+        scale = graph.scalar(chain.q.input[1])
+        zero = graph.scalar(chain.q.input[2])
+        for tag, value in (("scale", np.array(1, scale.dtype)), ("zero", np.array(0, zero.dtype))):
+            graph.proto.graph.initializer.append(numpy_helper.from_array(value, f"{stem}__codes_{tag}"))
+        chain.dq.input[1], chain.dq.input[2] = f"{stem}__codes_scale", f"{stem}__codes_zero"
+        for norm in norms:
+            epsilon = next((a for a in norm.attribute if a.name == "epsilon"), None)
+            if epsilon is None:
+                epsilon = helper.make_attribute("epsilon", 1e-5)  # the ONNX default of both norms
+                norm.attribute.append(epsilon)
+            epsilon.f = float(np.float32(epsilon.f) / np.float32(chain.scale) ** 2)
+            on_codes.add(norm.output[0])
+        graph.refresh()
+    return on_codes
+
+
+def _guard_norms(graph: _QdqGraph, on_codes: set[str]) -> int:
     from onnx import helper, numpy_helper
 
     guarded = 0
     nodes = []
     for node in graph.nodes:
-        if node.op_type in GUARDED_NORMS:
+        if node.op_type in GUARDED_NORMS and node.output[0] not in on_codes:
             if not guarded:
                 value = np.array(NORM_GUARD, dtype=np.float32)
                 graph.proto.graph.initializer.append(numpy_helper.from_array(value, "qseg_norm_guard"))
@@ -318,9 +429,12 @@ def openvino_form(proto) -> OpenVINOForm:
     the remaining ones whose lowest code is the zero point, the integer Clip becomes
     a float Clip before the QuantizeLinear; every InstanceNormalization and
     GroupNormalization reads its input plus :data:`NORM_GUARD`, which keeps
-    OpenVINO from normalizing the unscaled integers with an unscaled epsilon. All
-    four are exact in ONNX semantics, so onnxruntime computes the same outputs
-    from either graph; it only loses its QLinearConv fusion, which needs the
+    OpenVINO from normalizing the unscaled integers with an unscaled epsilon, except
+    one whose input is a quantizer read by nothing else: it reads the codes with its
+    epsilon divided by the squared scale; and a quantizer after a Reshape, Transpose or
+    Slice moves above it. Each is exact in ONNX semantics, so onnxruntime computes the
+    same outputs from either graph (bit for bit, but for the norms on codes, whose
+    statistics round otherwise); it only loses its QLinearConv fusion, which needs the
     integer Clip, so the file :func:`qseg.export_onnx` writes keeps its form.
 
     Example:
@@ -341,8 +455,8 @@ def openvino_form(proto) -> OpenVINOForm:
         ...      const("lo", 0, TensorProto.UINT8), const("hi", 63, TensorProto.UINT8)],
         ... )
         >>> proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
-        >>> openvino_form(proto)
-        OpenVINOForm(moved_through_concat=0, dropped=0, clips_moved=1, norms_guarded=0)
+        >>> openvino_form(proto).clips_moved
+        1
         >>> [n.op_type for n in proto.graph.node]
         ['Clip', 'QuantizeLinear', 'DequantizeLinear']
     """
@@ -350,10 +464,14 @@ def openvino_form(proto) -> OpenVINOForm:
     moved = 0
     while _push_one_through_concat(graph):
         moved += 1
+    lifted = 0
+    while _push_one_above_data_movement(graph):
+        lifted += 1
     dropped = 0
     while _drop_one_redundant(graph):
         dropped += 1
+    on_codes = _norms_on_codes(graph)
     clips = _clip_before_quantize(graph)
-    norms = _guard_norms(graph)
+    norms = _guard_norms(graph, on_codes)
     graph.commit()
-    return OpenVINOForm(moved, dropped, clips, norms)
+    return OpenVINOForm(moved, dropped, clips, norms, len(on_codes), lifted)
