@@ -426,6 +426,27 @@ def is_other_norm(gm: fx.GraphModule, node: fx.Node) -> bool:
     return _is(gm, node, OTHER_NORMS, OTHER_NORM_FUNCTIONS)
 
 
+def is_per_sample_norm(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """An InstanceNorm or GroupNorm that normalizes with each sample's own statistics
+    (not an InstanceNorm with ``track_running_stats``, which uses running ones in eval).
+
+    Such a norm's output does not change when its whole input is scaled by a positive
+    factor and shifted (up to its epsilon, which scales with the square of the factor):
+    it can read integer codes in place of their values (docs/export.md)."""
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        if isinstance(module, nn.GroupNorm):
+            return True
+        return isinstance(module, nn.modules.instancenorm._InstanceNorm) and not module.track_running_stats
+    if node.op == "call_function" and node.target in (F.group_norm, aten.group_norm.default):
+        return True
+    if node.op == "call_function" and node.target in (F.instance_norm, aten.instance_norm.default):
+        # F.instance_norm(input, running_mean, running_var, weight, bias, use_input_stats, ...)
+        use_input_stats = node.kwargs.get("use_input_stats", node.args[5] if len(node.args) > 5 else True)
+        return use_input_stats is True
+    return False
+
+
 def is_dropout(gm: fx.GraphModule, node: fx.Node) -> bool:
     return _is(gm, node, DROPOUT_MODULES, DROPOUT_FUNCTIONS)
 

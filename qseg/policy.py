@@ -269,6 +269,31 @@ def _conv_input_sites(gm: fx.GraphModule, decisions: list[LayerDecision], plan_:
         )
 
 
+def _norm_input_sites(gm: fx.GraphModule, decisions: list[LayerDecision], plan_: Plan) -> None:
+    """A quantizer on a layer's output where it feeds only a per-sample norm
+    (``quantize_norm_inputs``): in deployment that norm then reads integer codes, and the
+    layer writes them, a quarter of the bytes of a float32 output (docs/export.md, step 5)."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    placed = {a.after for a in plan_.activations if not a.before}
+    for d in decisions:
+        node = nodes[d.layer.node]
+        if len(node.users) != 1 or node.name in placed:
+            continue
+        norm = next(iter(node.users))
+        if not g.is_per_sample_norm(gm, norm):
+            continue
+        if d.activations is None:
+            plan_.skipped.append(
+                f"{d.layer.name}: input of {_display(norm)} kept float: activations kept float by the recipe"
+            )
+            continue
+        config, note = _signed_if_needed(d.activations, True, f"{node.name} can output negative values")
+        rule = (
+            f"on the input of a per-sample norm ({_display(norm)} reads integer codes; quantize_norm_inputs)"
+        )
+        plan_.activations.append(ActDecision(node.name, config, rule, d.layer.name, (), note))
+
+
 def _removed_relus(plan_: Plan) -> frozenset[str]:
     return frozenset(r for a in plan_.activations for r in a.replaces)
 
@@ -313,5 +338,7 @@ def plan(gm: fx.GraphModule, recipe: Recipe) -> Plan:
             _after_norm_sites(gm, decisions, result)
         else:
             _conv_input_sites(gm, decisions, result)
+        if recipe.quantize_norm_inputs:
+            _norm_input_sites(gm, decisions, result)
         _check_nonlinearities(gm, result)
     return result

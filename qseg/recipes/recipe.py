@@ -204,6 +204,11 @@ class Recipe:
             or ``None`` (inputs stay float). With ``keep_float: {first: false,
             last: false}`` the model is integer from input to output, and
             deploys bit-exact (docs/export.md).
+        quantize_norm_inputs: also quantize a layer's output where it feeds only an
+            InstanceNorm or GroupNorm (with per-sample statistics), so that the
+            deployed norm reads integer codes: OpenVINO then runs the layer with an
+            8-bit output and the norm on 8-bit input (NNCF's placement; qseg's
+            addition, docs/prepare.md).
         strip_dropout: remove every dropout (paper A: it hurts quantized training).
         rescale: rescale a float model's channels so that quantized weights and
             activations use their whole grid, without changing the float function
@@ -227,6 +232,7 @@ class Recipe:
     activation_placement: str = "after_norm"
     keep_float: KeepFloat = KeepFloat()
     input: InputGrid | None = None
+    quantize_norm_inputs: bool = False
     strip_dropout: bool = True
     rescale: bool = False
     overrides: tuple[Override, ...] = ()
@@ -253,6 +259,7 @@ class Recipe:
             raise _error("keep_float", f"expected a KeepFloat, got {self.keep_float!r}")
         if self.input is not None and not isinstance(self.input, InputGrid):
             raise _error("input", f"expected an InputGrid or None, got {self.input!r}")
+        _check_bool("quantize_norm_inputs", self.quantize_norm_inputs)
         _check_bool("strip_dropout", self.strip_dropout)
         _check_bool("rescale", self.rescale)
         object.__setattr__(self, "overrides", tuple(self.overrides))
@@ -305,7 +312,10 @@ class Recipe:
         fields = ("name", "description", "weights", "activations", "activation_placement", "keep_float")
         sections = {"training": Training, "inq": Inq, "suggestive_annotation": SuggestiveAnnotation}
         _check_keys(
-            data, "", (*fields, "input", "strip_dropout", "rescale", "overrides", *sections), ("name",)
+            data,
+            "",
+            (*fields, "input", "quantize_norm_inputs", "strip_dropout", "rescale", "overrides", *sections),
+            ("name",),
         )
         kwargs: dict[str, Any] = {}
         for key in ("name", "description", "activation_placement"):
@@ -320,7 +330,7 @@ class Recipe:
             kwargs["keep_float"] = KeepFloat(**keep)
         if data.get("input") is not None:
             kwargs["input"] = InputGrid.from_dict(data["input"], "input")
-        for key in ("strip_dropout", "rescale"):
+        for key in ("quantize_norm_inputs", "strip_dropout", "rescale"):
             if key in data:
                 kwargs[key] = _check_bool(key, data[key])
         if "overrides" in data:
@@ -354,6 +364,7 @@ class Recipe:
             "activation_placement": self.activation_placement,
             "keep_float": {"first": self.keep_float.first, "last": self.keep_float.last},
             "input": None if self.input is None else self.input.to_dict(),
+            "quantize_norm_inputs": self.quantize_norm_inputs,
             "strip_dropout": self.strip_dropout,
             "rescale": self.rescale,
             "overrides": [o.to_dict() for o in self.overrides],

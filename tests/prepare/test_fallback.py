@@ -140,3 +140,38 @@ def test_a_dropout_held_under_two_names_is_removed_under_both():
     assert "torch.export" in q.qseg_report.capture
     assert isinstance(q.drop, nn.Identity) and isinstance(q.drop2, nn.Identity)
     assert set(q.qseg_report.dropout_removed) == {"drop", "drop2"}
+
+
+class MisTracedInstanceNorm(nn.Module):
+    """The mis-trace of :class:`MisTraced` on conv -> InstanceNorm -> LeakyReLU blocks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.n1 = nn.Conv2d(1, 8, 3, padding=1), nn.InstanceNorm2d(8, affine=True)
+        self.c2, self.n2 = nn.Conv2d(8, 8, 3, padding=1), nn.InstanceNorm2d(8, affine=True)
+        self.head = nn.Conv2d(8, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.leaky_relu(self.n1(self.c1(x)))
+        z = F.leaky_relu(self.n2(self.c2(y)))
+        if torch.jit.isinstance(y, torch.Tensor):
+            z = z + y
+        return self.head(z)
+
+
+def test_the_fallback_quantizes_norm_inputs():
+    torch.manual_seed(0)
+    x = torch.randn(2, 1, 16, 16)
+    recipe = qseg.recipes.load("int8").replace(quantize_norm_inputs=True)
+    q = qseg.prepare(MisTracedInstanceNorm(), recipe, example_inputs=x)
+    assert "torch.export + module swap" in q.qseg_report.capture
+    before_norm = {a.after: a.rule for a in q.qseg_report.activations if "per-sample norm" in a.rule}
+    assert set(before_norm) == {"c1", "c2"}
+    assert isinstance(q.c1.act_quant, ActQuant) and isinstance(q.c2.act_quant, ActQuant)
+    qseg.calibrate(q, [x], progress=False)
+    quantizer = q.c2.act_quant.quantizer
+    with torch.no_grad():
+        out = q.c2(torch.randn(2, 8, 16, 16))  # the module's output hook quantizes it
+    codes = out / quantizer.scale + quantizer.zero_point
+    torch.testing.assert_close(codes, codes.round(), rtol=0, atol=1e-3)
+    assert codes.unique().numel() > 10  # on the grid, not collapsed

@@ -244,3 +244,54 @@ def test_a_layer_called_twice_with_conflicting_decisions_is_an_error():
 
     with pytest.raises(qseg.RecipeError, match="'shared' is called more than once"):
         qseg.prepare(FirstShared(), recipe, example_inputs=torch.rand(1, 1, 8, 8))
+
+
+class NormStack(nn.Module):
+    """Convs before an InstanceNorm, a GroupNorm, an InstanceNorm with running statistics,
+    a BatchNorm, and one whose output feeds a norm and a skip."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.n1 = nn.Conv2d(1, 8, 3, padding=1), nn.InstanceNorm2d(8, affine=True)
+        self.c2, self.n2 = nn.Conv2d(8, 8, 3, padding=1), nn.GroupNorm(2, 8)
+        self.c3, self.n3 = nn.Conv2d(8, 8, 3, padding=1), nn.InstanceNorm2d(8, track_running_stats=True)
+        self.c4, self.n4 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.c5, self.n5 = nn.Conv2d(8, 8, 3, padding=1), nn.InstanceNorm2d(8)
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        x = F.leaky_relu(self.n1(self.c1(x)))
+        x = F.leaky_relu(self.n2(self.c2(x)))
+        x = F.leaky_relu(self.n3(self.c3(x)))
+        x = F.relu(self.n4(self.c4(x)))
+        y = self.c5(x)
+        return self.head(F.leaky_relu(self.n5(y)) + y)
+
+
+@pytest.mark.parametrize("recipe_name", ["int8", "w4a8"])
+def test_quantize_norm_inputs_puts_a_quantizer_before_each_per_sample_norm(recipe_name):
+    x = torch.randn(2, 1, 8, 8)
+    on = load(recipe_name).replace(quantize_norm_inputs=True)
+    q = qseg.prepare(NormStack(), on, example_inputs=x)
+    before_norm = {a.owner: a for a in q.qseg_report.activations if a.after.startswith("c")}
+    # InstanceNorm and GroupNorm normalize each sample by its own statistics: their input
+    # can be codes. Running statistics, BatchNorm (folded) and a second reader keep float.
+    assert set(before_norm) == {"c1", "c2"}
+    for layer, norm in (("c1", "n1"), ("c2", "n2")):
+        site = before_norm[layer]
+        assert site.after == layer and f"{norm} reads integer codes" in site.rule
+        assert site.quantizer.startswith("int8 asym")  # a conv output can be negative
+    assert act_sites(q)["c1_act_quant"] == "c1"
+    off = qseg.prepare(NormStack(), load(recipe_name), example_inputs=x)
+    assert not any(a.after.startswith("c") for a in off.qseg_report.activations)
+    assert load(recipe_name).quantize_norm_inputs is False
+
+
+def test_quantize_norm_inputs_follows_the_layers_activation_override():
+    spec = load("int8").replace(quantize_norm_inputs=True).to_dict()
+    spec["overrides"] = [{"name": "c1", "activations": None}]
+    q = qseg.prepare(NormStack(), spec, example_inputs=torch.randn(2, 1, 8, 8))
+    assert "c1" not in {a.owner for a in q.qseg_report.activations if a.after.startswith("c")}
+    assert "c1: input of n1 kept float: activations kept float by the recipe" in "\n".join(
+        q.qseg_report.notes
+    )

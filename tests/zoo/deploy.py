@@ -33,7 +33,9 @@ def calibration(x: torch.Tensor) -> list[torch.Tensor]:
     return [torch.randn(x.shape, generator=gen) for _ in range(2)]
 
 
-def calibrated(entry: Entry, recipe: str) -> tuple[nn.Module, torch.Tensor, qseg.CalibrationReport | None]:
+def calibrated(
+    entry: Entry, recipe: str | qseg.recipes.Recipe
+) -> tuple[nn.Module, torch.Tensor, qseg.CalibrationReport | None]:
     """``entry``'s seeded model prepared with ``recipe`` and calibrated where the recipe takes
     ranges from data (its report, or ``None``), and its example input."""
     torch.manual_seed(0)
@@ -89,7 +91,7 @@ class Deployment:
         return sum(p.precision in ("u8", "i8") for p in self.precisions)
 
 
-def deploy(entry: Entry, recipe: str, folder: Path) -> Deployment:
+def deploy(entry: Entry, recipe: str | qseg.recipes.Recipe, folder: Path) -> Deployment:
     """``entry``'s model the whole way with ``recipe``, its files written to ``folder``."""
     qmodel, x, _ = calibrated(entry, recipe)
     qmodel.eval()

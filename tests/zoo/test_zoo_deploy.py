@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import pytest
 
+import qseg
+from qseg.exporters import runtime_precisions
 from zoo.catalog import zoo
 from zoo.deploy import deploy
 from zoo.test_zoo_recipes import SAMPLE
@@ -52,3 +54,33 @@ def test_zoo_model_runs_int8_in_both_runtimes_with_parity(recipe, name, zoo_pack
     # noted convs int8 all the same; why was not traced)
     stated = [n for n in d.qmodel.qseg_report.notes if NO_INPUT_GRID in n]
     assert len(float_convs) <= len(stated), f"float in OpenVINO: {float_convs}; the report states {stated}"
+
+
+# one model of each norm structure: InstanceNorm + LeakyReLU (nnU-Net plain and residual, 2d and
+# 3d), InstanceNorm + PReLU with residual units and transposed convs (MONAI UNet), GroupNorm
+# (SegResNet), InstanceNorm with deep supervision
+NORM_INPUT_MODELS = (
+    "nnunet.PlainConvUNet2d[IN]", "nnunet.PlainConvUNet3d[IN]", "nnunet.ResidualEncoderUNet2d[IN]",
+    "nnunet.PlainConvUNet2d[IN, deep supervision]", "monai.UNet2d", "monai.SegResNet2d", "monai.DynUNet2d",
+)  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NORM_INPUT_MODELS)
+def test_quantize_norm_inputs_runs_the_norms_on_codes_with_parity(name, zoo_packages, tmp_path):
+    """``int8`` with ``quantize_norm_inputs``: the same contract as above, and OpenVINO runs
+    a norm on 8-bit input for each norm-input quantizer the report lists (docs/export.md,
+    rewrite 5)."""
+    entry = ENTRIES[name]
+    zoo_packages(entry)
+    recipe = qseg.recipes.load("int8").replace(quantize_norm_inputs=True)
+    d = deploy(entry, recipe, tmp_path)
+    d.agreement.check()
+    for result in d.results:
+        assert result.ok, result
+    assert all(p.precision in ("u8", "i8") for p in d.precisions), d.precisions
+    placed = [a for a in d.qmodel.qseg_report.activations if "per-sample norm" in a.rule]
+    assert placed, "no quantizer before a norm"
+    norms = runtime_precisions(tmp_path / "m.xml", layer_types=("MVN",))
+    on_codes = [p for p in norms if p.precision in ("u8", "i8")]
+    assert len(on_codes) >= len(placed), f"{len(placed)} norm inputs quantized, MVNs: {norms}"
