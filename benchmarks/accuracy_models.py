@@ -11,6 +11,9 @@ downscaled 2x): ``--steps`` Adam steps (lr 1e-3, BCE + dice) on batches of 8 ran
   layer quantized as NNCF does), then ``qseg.calibrate`` on the same crops, no training:
   min/max, percentile, and percentile with ``bias_correction=True``;
 - the same with full 8-bit weight codes (which AVX2 kernels without VNNI can saturate);
+- ``int8`` with ``quantize_norm_inputs: true`` (percentile): a quantizer on every conv
+  output that feeds an InstanceNorm or GroupNorm as well, NNCF's placement, which lets
+  OpenVINO run those convs with 8-bit outputs and the norms on 8-bit inputs;
 - qseg ``w4a8`` (4-bit per-channel weights, LSQ): ``qseg.calibrate`` (percentile) on the
   same crops, then ``--qat-epochs`` epochs of ``qseg.train.fit`` with the recipe's training
   (Adam 1e-4 cosine, BCE + dice, batch 8) on the training crops;
@@ -78,6 +81,9 @@ INT8 = load("int8")
 # int8 kernels without VNNI); this row shows what the eighth bit would buy
 W8A8 = INT8.to_dict() | {"name": "w8a8", "weights": {"kind": "int", "bits": 8, "channel_axis": 0}}
 W4A8 = load("w4a8")
+# int8 with a quantizer on every conv output that feeds an InstanceNorm / GroupNorm (NNCF's
+# placement): the deployed norm reads 8-bit codes, faster in OpenVINO (docs/nnunet.md)
+INT8_NORM_INPUTS = INT8.replace(quantize_norm_inputs=True)
 
 
 def plain_conv_unet() -> nn.Module:
@@ -226,7 +232,7 @@ def main() -> None:
         flush=True,
     )
     print()
-    ptq = ("NNCF int8 PTQ", "qseg int8 (minmax)", "qseg int8 (percentile)", "qseg int8 (percentile + bias corr.)", "qseg w8a8 (percentile)")  # fmt: skip
+    ptq = ("NNCF int8 PTQ", "qseg int8 (minmax)", "qseg int8 (percentile)", "qseg int8 (percentile + bias corr.)", "qseg w8a8 (percentile)", "qseg int8 + norm inputs (percentile)")  # fmt: skip
     dice_rows, fidelity_rows = [], []
     wanted = [w.strip() for w in args.models.split(",") if w.strip()]
     for name, build in MODELS.items():
@@ -250,6 +256,7 @@ def main() -> None:
                 (ptq[2], "percentile", INT8, "percentile", False),
                 (ptq[3], "corrected", INT8, "percentile", True),
                 (ptq[4], "", W8A8, "percentile", False),
+                (ptq[5], "", INT8_NORM_INPUTS, "percentile", False),
             ):
                 qmodel, took = qseg_ptq(model, calib, recipe, method, bias_correction=corrected)
                 score(row, qmodel)

@@ -743,18 +743,25 @@ def nnunet3d_section(args: argparse.Namespace, out: Path) -> None:
     fp32_weight_bytes = conv_weight_bytes_fp32(model)
 
     float_xml = openvino_from_onnx(qseg.export_onnx(model, x, out / "float.onnx"), out / "float.xml")
-    prepared = qseg.prepare(model, "int8", example_inputs=x)
     data = [torch.from_numpy(a) for a in calibration_inputs(shape, NNUNET3D_CALIBRATION_SAMPLES)]
+    prepared = qseg.prepare(model, "int8", example_inputs=x)
     qseg.calibrate(prepared, data, progress=False)
     converted = qseg.convert(prepared)
     qseg_xml = qseg.export_openvino(converted, x, out / "qseg-int8.xml")
+    # the same recipe with a quantizer on every conv output that feeds an InstanceNorm
+    norm_inputs = qseg.recipes.load("int8").replace(quantize_norm_inputs=True)
+    prepared_ni = qseg.prepare(model, norm_inputs, example_inputs=x)
+    qseg.calibrate(prepared_ni, data, progress=False)
+    converted_ni = qseg.convert(prepared_ni)
+    qseg_ni_xml = qseg.export_openvino(converted_ni, x, out / "qseg-int8-norm-inputs.xml")
     nncf_xml = nncf_int8_ir(float_xml, shape, out, samples=NNUNET3D_CALIBRATION_SAMPLES)
     print(f"# built, calibrated and exported in {time.perf_counter() - started:.0f} s")
 
-    kinds = ("Convolution", "Deconvolution")
+    kinds = ("Convolution", "Deconvolution", "MVN")
     variants = [
         ov_variant("OpenVINO FP32 IR", float_xml, x_np, args.threads, layer_types=kinds),
         ov_variant("qseg IR int8", qseg_xml, x_np, args.threads, layer_types=kinds),
+        ov_variant("qseg IR int8, norm inputs", qseg_ni_xml, x_np, args.threads, layer_types=kinds),
         ov_variant("NNCF int8 IR (defaults)", nncf_xml, x_np, args.threads, layer_types=kinds),
     ]
     interleave(variants, args.runs3d, args.warmup3d, PAUSE_S)
@@ -762,17 +769,28 @@ def nnunet3d_section(args: argparse.Namespace, out: Path) -> None:
     print_table(variants, fp32_weight_bytes)
     print()
     print("## where OpenVINO spends the time (per-node performance counters, mean of 5 runs)")
-    profiled = (("OpenVINO FP32 IR", float_xml), ("qseg IR int8", qseg_xml), ("NNCF int8 IR", nncf_xml))
+    profiled = (
+        ("OpenVINO FP32 IR", float_xml),
+        ("qseg IR int8", qseg_xml),
+        ("qseg IR int8, norm inputs", qseg_ni_xml),
+        ("NNCF int8 IR", nncf_xml),
+    )
     for name, xml in profiled:
         print(profile_line(name, profile_openvino(xml, x_np, args.threads)))
     print()
     print("## parity of qseg's IR against the converted PyTorch model (check_parity, OpenVINO exact=True)")
-    print(f"  {'; '.join(str(r) for r in check_parity(converted, x, None, qseg_xml, args.threads))}")
+    for name, conv, xml in (("int8", converted, qseg_xml), ("int8, norm inputs", converted_ni, qseg_ni_xml)):
+        print(f"  {name}: {'; '.join(str(r) for r in check_parity(conv, x, None, xml, args.threads))}")
     with torch.inference_mode():
         reference = model(x).numpy().argmax(1)
     agree = {
         name: (run_openvino(xml, (x,), args.threads)[0].argmax(1) == reference).mean()
-        for name, xml in (("OpenVINO FP32 IR", float_xml), ("qseg IR", qseg_xml), ("NNCF IR", nncf_xml))
+        for name, xml in (
+            ("OpenVINO FP32 IR", float_xml),
+            ("qseg IR", qseg_xml),
+            ("qseg IR, norm inputs", qseg_ni_xml),
+            ("NNCF IR", nncf_xml),
+        )
     }
     print(
         "  for scale, voxels of the float PyTorch model's class: "
