@@ -10,7 +10,10 @@ b) One training step (forward, BCE-with-logits loss, backward, Adam step) of the
    ``torch.fake_quantize_per_tensor_affine`` on the same grids (a fused C++ kernel,
    the lower bound for fake quantization); prepared with ``int8`` and with ``w4a8``
    (LSQ), calibrated on one image, and the ``int8`` model swapped for torch's
-   per-tensor / per-channel fake quantizers. Each variant trains in a process of its
+   per-tensor / per-channel fake quantizers; and nnU-Net's 2d ``PlainConvUNet``
+   (InstanceNorm + LeakyReLU, the configuration of ``accuracy_models.py``) in float,
+   ``int8`` and ``w4a8``, each against its own float step (no goal: the issue's goal is
+   the paper U-Net's; these rows show a user's model). Each variant trains in a process of its
    own (an allocator's free memory is per process, and in one shared process each step
    inherited what the previous variant's step left), and rounds are interleaved (one
    step of each variant per round, one process at a time) so that drift of a shared
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import multiprocessing
 import os
 import resource
@@ -201,15 +205,33 @@ def max_logit_diff(a: nn.Module, b: nn.Module, x: torch.Tensor) -> float:
         return (a(x) - b(x)).abs().max().item()
 
 
-# (variant, recipe, swap in torch's fake quantizers, goal for the ratio to float)
-VARIANTS: tuple[tuple[str, str | None, bool, float | None], ...] = (
-    ("float", None, False, None),
-    ("qseg prepared (Qa6.0/Qw0.4)", "unet-qa6.0-qw0.4", False, GOAL_RATIO),
-    ("torch fake_quantize, same grids", "unet-qa6.0-qw0.4", True, GOAL_RATIO),
-    ("qseg int8 (calibrated)", "int8", False, GOAL_RATIO_INT),
-    ("qseg w4a8 (LSQ, calibrated)", "w4a8", False, GOAL_RATIO_INT),
-    ("torch fake_quantize, int8 grids", "int8", True, None),
+# (variant, model, recipe, swap in torch's fake quantizers, goal for the ratio to that model's float step)
+VARIANTS: tuple[tuple[str, str, str | None, bool, float | None], ...] = (
+    ("float", "paper", None, False, None),
+    ("qseg prepared (Qa6.0/Qw0.4)", "paper", "unet-qa6.0-qw0.4", False, GOAL_RATIO),
+    ("torch fake_quantize, same grids", "paper", "unet-qa6.0-qw0.4", True, GOAL_RATIO),
+    ("qseg int8 (calibrated)", "paper", "int8", False, GOAL_RATIO_INT),
+    ("qseg w4a8 (LSQ, calibrated)", "paper", "w4a8", False, GOAL_RATIO_INT),
+    ("torch fake_quantize, int8 grids", "paper", "int8", True, None),
+    # no goal: the issue's goal is the paper U-Net's; these rows show a user's model
+    ("nnU-Net float", "nnunet", None, False, None),
+    ("nnU-Net qseg int8 (calibrated)", "nnunet", "int8", False, None),
+    ("nnU-Net qseg w4a8 (LSQ, calibrated)", "nnunet", "w4a8", False, None),
 )
+MODELS = {"paper": "PaperUNet 4.84M", "nnunet": "nnU-Net PlainConvUNet 2d (IN, LeakyReLU, 16-128) 1.92M"}
+
+
+def build_model(model: str) -> nn.Module:
+    """The paper U-Net, or nnU-Net's 2d PlainConvUNet as benchmarks/accuracy_models.py
+    builds it (``dynamic-network-architectures``, a zoo dependency)."""
+    if model == "paper":
+        return PaperUNet()
+    from dynamic_network_architectures.architectures.unet import PlainConvUNet
+
+    return PlainConvUNet(
+        1, 4, (16, 32, 64, 128), nn.Conv2d, 3, (1, 2, 2, 2), (2, 2, 2, 2), 1, (2, 2, 2), False,
+        nn.InstanceNorm2d, {"eps": 1e-5, "affine": True}, None, None, nn.LeakyReLU, {"inplace": True},
+    )  # fmt: skip
 
 
 def training_data(batch: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -218,11 +240,11 @@ def training_data(batch: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x, (torch.rand(batch, 1, size, size, generator=gen) > 0.5).float()
 
 
-def make_variant(recipe: str | None, torch_swap: bool, x: torch.Tensor) -> nn.Module:
-    """The paper U-Net (seed 0), prepared with ``recipe`` and, for the calibrated recipes,
+def make_variant(recipe: str | None, torch_swap: bool, x: torch.Tensor, model: str = "paper") -> nn.Module:
+    """``model`` (seed 0), prepared with ``recipe`` and, for the calibrated recipes,
     calibrated on one image as a user would; the same model in every process."""
     torch.manual_seed(0)
-    model = PaperUNet()
+    model = build_model(model)
     if recipe is None:
         return model
     model = qseg.prepare(model, recipe, example_inputs=x[:1])
@@ -234,9 +256,9 @@ def make_variant(recipe: str | None, torch_swap: bool, x: torch.Tensor) -> nn.Mo
 def _train_worker(index: int, batch: int, size: int, threads: int, conn) -> None:
     """One variant in a process of its own: build, warm up, then one timed step per request."""
     torch.set_num_threads(threads)
-    _, recipe, torch_swap, _ = VARIANTS[index]
+    _, model, recipe, torch_swap, _ = VARIANTS[index]
     x, target = training_data(batch, size)
-    trainer = Trainer(make_variant(recipe, torch_swap, x), x, target)
+    trainer = Trainer(make_variant(recipe, torch_swap, x, model), x, target)
     for _ in range(2):
         trainer.step(record=False)
     conn.send("ready")
@@ -247,7 +269,7 @@ def _train_worker(index: int, batch: int, size: int, threads: int, conn) -> None
 
 def training_table(batch: int, size: int, rounds: int, threads: int) -> None:
     print(
-        f"## b) training step (forward + BCE loss + backward + Adam), PaperUNet 4.84M, "
+        f"## b) training step (forward + BCE loss + backward + Adam), {' and '.join(MODELS.values())}, "
         f"batch {batch}x1x{size}x{size}, median of {rounds} interleaved rounds, one process per variant"
     )
     x, _ = training_data(batch, size)
@@ -261,16 +283,20 @@ def training_table(batch: int, size: int, rounds: int, threads: int) -> None:
     # inherits the free memory the previous variant's step left (measured: float 305 k page
     # faults per step there, 496 k alone), which skews the ratios. Only one process steps
     # at a time, round by round, so that drift of a shared machine hits all alike.
+    indices = list(range(len(VARIANTS)))
+    if importlib.util.find_spec("dynamic_network_architectures") is None:
+        print("# nnU-Net rows left out: pip install --no-deps dynamic-network-architectures==0.4.4")
+        indices = [i for i in indices if VARIANTS[i][1] != "nnunet"]
     context = multiprocessing.get_context("spawn")
     workers = []
-    for index in range(len(VARIANTS)):
+    for index in indices:
         ours, theirs = context.Pipe()
         process = context.Process(
             target=_train_worker, args=(index, batch, size, threads, theirs), daemon=True
         )
         process.start()
         workers.append((process, ours))
-    results: list[list[tuple[float, int, float]]] = [[] for _ in VARIANTS]
+    results: list[list[tuple[float, int, float]]] = [[] for _ in indices]
     try:
         for _, conn in workers:
             conn.recv()  # ready
@@ -282,21 +308,26 @@ def training_table(batch: int, size: int, rounds: int, threads: int) -> None:
         for process, conn in workers:
             conn.send("stop")
             process.join(timeout=60)
-    base = statistics.median(t for t, _, _ in results[0])
+    medians = {
+        i: statistics.median(t for t, _, _ in timed) for i, timed in zip(indices, results, strict=True)
+    }
+    # each model's quantized steps against its own float step
+    base = {VARIANTS[i][1]: medians[i] for i in indices if VARIANTS[i][2] is None}
     print(
-        f"| {'variant':<32} | {'median ms':>9} | {'vs float':>8} | {'goal':>7} | {'ok':<3} | "
+        f"| {'variant':<35} | {'median ms':>9} | {'vs float':>8} | {'goal':>7} | {'ok':<3} | "
         f"{'page faults':>11} | {'kernel ms':>9} |"
     )
-    print(f"|{'-' * 34}|{'-' * 11}|{'-' * 10}|{'-' * 9}|{'-' * 5}|{'-' * 13}|{'-' * 11}|")
-    for (name, _, _, goal), timed in zip(VARIANTS, results, strict=True):
-        median = statistics.median(t for t, _, _ in timed)
-        ratio = median / base
+    print(f"|{'-' * 37}|{'-' * 11}|{'-' * 10}|{'-' * 9}|{'-' * 5}|{'-' * 13}|{'-' * 11}|")
+    for index, timed in zip(indices, results, strict=True):
+        name, model, _, _, goal = VARIANTS[index]
+        median = medians[index]
+        ratio = median / base[model]
         shown = "" if goal is None else f"<= {goal:g}"
         ok = "" if goal is None else ("yes" if ratio <= goal else "NO")
         faults = statistics.median(f for _, f, _ in timed)
         system = statistics.median(k for _, _, k in timed)
         print(
-            f"| {name:<32} | {median * 1e3:9.1f} | {ratio:8.2f} | {shown:>7} | {ok:<3} | "
+            f"| {name:<35} | {median * 1e3:9.1f} | {ratio:8.2f} | {shown:>7} | {ok:<3} | "
             f"{faults:11.0f} | {system * 1e3:9.0f} |"
         )
     for recipe, diff in diffs.items():
