@@ -71,15 +71,16 @@ as its planner sizes it for a 64x128x128 patch: 6 stages of 32-64-128-256-320-32
 features, 2 convs per stage, strides 1, 2, 2, 2, 2, (1, 2, 2), InstanceNorm3d (affine) +
 LeakyReLU, conv bias, 1 input channel, 3 classes, no deep supervision, seeded with
 nnU-Net's He initialization (23 convs, 5 transposed convs, 30.8M parameters). One
-1x1x64x128x128 N(0, 1) volume, the same threads; three OpenVINO IRs, all compiled
+1x1x64x128x128 N(0, 1) volume, the same threads; four OpenVINO IRs, all compiled
 ``exact=True``: the FP32 IR (as above), qseg's ``int8`` recipe (``qseg.prepare``,
-``qseg.calibrate`` on 4 random volumes, ``qseg.convert``, ``qseg.export_openvino``) and
-NNCF's int8 IR (``nncf.quantize`` defaults on the FP32 IR, the same 4 volumes). Timed by
-the same interleaving (``--runs3d`` rounds after ``--warmup3d``; one float inference
-takes seconds on 2 cores); the table's kernel column counts Convolution and
-Deconvolution (transposed conv) precisions. Then ``check_parity`` of qseg's IR against
-the converted model and, for scale, the share of voxels each IR gives the float
-PyTorch model's class. The section takes about 8 minutes on a 2-core AVX2 machine,
+``qseg.calibrate`` on 4 random volumes, ``qseg.convert``, ``qseg.export_openvino``), the
+same with ``quantize_norm_inputs: true`` (a quantizer on every conv output that feeds an
+InstanceNorm, so the norms run on 8-bit codes) and NNCF's int8 IR (``nncf.quantize``
+defaults on the FP32 IR, the same 4 volumes). Timed by the same interleaving
+(``--runs3d`` rounds after ``--warmup3d``; one float inference takes seconds on 2 cores);
+the table's kernel column counts Convolution, Deconvolution (transposed conv) and MVN
+(InstanceNorm) precisions. Then ``check_parity`` of both qseg IRs against their converted
+models and, for scale, the share of voxels each IR gives the float PyTorch model's class. The section takes about 8 minutes on a 2-core AVX2 machine,
 most of it in calibration (PyTorch, then NNCF) and the float inferences.
 
 Run (from ``benchmarks/``, which holds ``machine.py``; NNCF needs
