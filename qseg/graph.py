@@ -437,7 +437,8 @@ def is_per_sample_norm(gm: fx.GraphModule, node: fx.Node) -> bool:
         module = gm.get_submodule(node.target)
         if isinstance(module, nn.GroupNorm):
             return True
-        return isinstance(module, nn.modules.instancenorm._InstanceNorm) and not module.track_running_stats
+        instance_norms = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+        return isinstance(module, instance_norms) and not module.track_running_stats
     if node.op == "call_function" and node.target in (F.group_norm, aten.group_norm.default):
         return True
     if node.op == "call_function" and node.target in (F.instance_norm, aten.instance_norm.default):

@@ -368,9 +368,12 @@ def _norms_on_codes(graph: _QdqGraph) -> set[str]:
         # they pass on is still s * (q - zp)
         name = chain.dq.output[0]
         norms = graph.users.get(name, [])
-        while len(norms) == 1 and norms[0].op_type in DATA_MOVEMENT and norms[0].input[0] == name:
-            if name in graph.graph_outputs:
-                break
+        while (
+            len(norms) == 1
+            and norms[0].op_type in DATA_MOVEMENT
+            and norms[0].input[0] == name
+            and name not in graph.graph_outputs
+        ):
             name = norms[0].output[0]
             norms = graph.users.get(name, [])
         if (
