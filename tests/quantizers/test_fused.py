@@ -13,6 +13,9 @@ What is compared, and how exactly:
   sums (``sum(grad * q)`` from the multiply, ``-sum(grad * mask * x / s^2) * s`` from the
   division), the fused one sums ``grad * (q - v * mask)`` once (a dot product per tensor);
   both are checked against a float64 evaluation of the same formula.
+
+Every test runs twice: on whole tensors, and with the per-tensor passes cut into blocks
+of 5 elements (``fused._BLOCK``; 2**18 in use, which these small tensors never reach).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from hypothesis import strategies as st
 from strategies import scaled_tensors
 
 from qseg.errors import QuantizerError
-from qseg.quantizers import Uniform
+from qseg.quantizers import Uniform, fused
 from qseg.quantizers.base import compute_dtype, straight_through
 
 
@@ -90,6 +93,12 @@ def lsq_scale_grad64(q: Uniform, x: torch.Tensor, grad: torch.Tensor) -> torch.T
         return t.sum() * g
     dims = [d for d in range(x.dim()) if d != q.channel_axis]
     return t.sum(dim=dims) * g
+
+
+@pytest.fixture(autouse=True, params=["whole", "blocks of 5"])
+def _block_size(request, monkeypatch):
+    if request.param != "whole":
+        monkeypatch.setattr(fused, "_BLOCK", 5)
 
 
 def _activation(mode: str, bits: int = 8, learn: bool = False, pow2: bool = False) -> Uniform:
@@ -485,3 +494,55 @@ def test_property_overwriting_and_absorbing_a_relu_keep_the_eager_values(x, bits
     assert torch.equal(y.detach(), y0.detach())
     assert torch.equal(leaf.grad == 0, leaf0.grad == 0)
     torch.testing.assert_close(leaf.grad, leaf0.grad, rtol=2**-23, atol=0)
+
+
+@pytest.mark.parametrize("layout", ["a slice of a concatenation's gradient", "channels_last"])
+@pytest.mark.parametrize("name", ["uint8", "uint8 LSQ", "int8 asym LSQ"])
+def test_strided_tensors_give_the_contiguous_results(name, layout, monkeypatch):
+    # blocks are cut from contiguous tensors only; a gradient that is a view into a
+    # concatenation's, or a channels_last activation, takes the whole-tensor path with
+    # the values and gradients of the contiguous one
+    monkeypatch.setattr(fused, "_BLOCK", 5)
+    x = _ties(_both(name, _input())[0], _input())
+    upstream = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    results = []
+    for strided in (False, True):
+        q, _ = _both(name, _input())
+        q.overwrites_input = True
+        leaf = x.clone().requires_grad_(True)
+        produced = leaf * 1.0
+        if strided and layout == "channels_last":
+            produced = produced.contiguous(memory_format=torch.channels_last)
+        y = q(produced)
+        if strided and layout != "channels_last":
+            other = torch.zeros_like(y)
+            y = torch.cat([other, y], dim=1)[:, x.shape[1] :]  # y's gradient: a strided slice
+        y.backward(upstream)
+        results.append((y.detach(), leaf.grad, None if q.scale.grad is None else q.scale.grad.clone()))
+    (y0, gx0, gs0), (y1, gx1, gs1) = results
+    assert torch.equal(y0.nan_to_num(7.0), y1.nan_to_num(7.0))
+    assert torch.equal(gx0 == 0, gx1 == 0)
+    torch.testing.assert_close(gx0, gx1, rtol=0, atol=0)
+    if gs0 is not None:
+        torch.testing.assert_close(gs0, gs1, rtol=1e-5, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("name", ["uint8", "uint8 LSQ", "int8 asym LSQ"])
+def test_blocks_and_the_whole_tensor_agree(name, monkeypatch):
+    # the same quantizer on the same data, whole and in blocks of 7 (the last one short):
+    # identical values and gradients to x, the scale's gradient up to summation order
+    x = _ties(_both(name, _input())[0], _input())
+    upstream = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    results = []
+    for block in (10**9, 7):
+        monkeypatch.setattr(fused, "_BLOCK", block)
+        q, _ = _both(name, _input())
+        leaf = x.clone().requires_grad_(True)
+        y = q(leaf * 1.0)
+        y.backward(upstream)
+        results.append((y.detach(), leaf.grad, None if q.scale.grad is None else q.scale.grad.clone()))
+    (y0, gx0, gs0), (y1, gx1, gs1) = results
+    assert torch.equal(y0.nan_to_num(7.0), y1.nan_to_num(7.0))
+    assert torch.equal(gx0, gx1)
+    if gs0 is not None:
+        torch.testing.assert_close(gs0, gs1, rtol=1e-5, atol=0, equal_nan=True)
