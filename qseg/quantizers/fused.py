@@ -111,7 +111,12 @@ def _quotients(
     """Blocks of ``v`` holding ``x / s`` (``v`` is ``x`` itself when ``overwrite``), each
     with the matching block of the tensor a forward saves for its backward."""
     for v_at, saved_at, x_at in _blocks(v, saved, x.detach(), scale=scale):
-        yield (v_at.div_(s) if overwrite else v_at.copy_(x_at).div_(s)), saved_at
+        if overwrite:
+            yield v_at.div_(s), saved_at
+        elif x_at.dtype == v_at.dtype:
+            yield torch.div(x_at, s, out=v_at), saved_at
+        else:  # a half input, divided in the compute dtype
+            yield v_at.copy_(x_at).div_(s), saved_at
 
 
 def _saved_from_zero(v: torch.Tensor, w: torch.Tensor, hi: float, relu: bool) -> None:
