@@ -86,8 +86,7 @@ def _next_float(value: float, toward: float, dtype: torch.dtype) -> float:
 
 # Elements per block: 1 MB of float32, so that a block of each tensor a pass touches stays in
 # a core's L2 (2 MB per core on the AVX-512 machine, 512 KB on Zen3, whose L3 then serves).
-# There the forward of a 4x64x200x200 activation went 18.9 -> 15.2 ms straight-through and
-# 20.0 -> 15.2 ms LSQ, whole tensor -> blocks (2 threads; 2**17 to 2**19 all within 1 ms)
+# Measured in docs/quantizers.md ("Single-pass kernels and cache blocks").
 _BLOCK = 1 << 18
 
 
