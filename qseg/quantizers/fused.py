@@ -118,28 +118,39 @@ def _quotients(
             yield v_at.copy_(x_at).div_(s), saved_at
 
 
-def _saved_from_zero(v: torch.Tensor, w: torch.Tensor, hi: float, relu: bool) -> None:
+def _below_zero(dtype: torch.dtype) -> float:
+    """The ``dtype`` float closest to 0 that comparisons see as below 0: the negative
+    denormal next to 0, or, with denormals flushed (``torch.set_flush_denormal(True)``: that
+    one then reads as -0), the negative normal next to 0, the denormals between reading as
+    0 for the eager clamp too."""
+    denormal = _next_float(0.0, -1.0, dtype)
+    if bool(torch.tensor(denormal, dtype=dtype) < 0):
+        return denormal
+    return -torch.finfo(dtype).tiny
+
+
+def _saved_from_zero(v: torch.Tensor, w: torch.Tensor, low: float, high: float, hi: float) -> None:
     """LSQ's saved tensor on a grid from 0 (``lo == 0 < hi``), written into ``w`` from the
     quotient ``v``, which becomes the codes ``round(clamp(v, 0, hi))``: ``v + 1 - round(v)``
-    (``1 - e``, within [0.5, 1.5]) where the gradient passes to ``x``, ``-e`` elsewhere:
-    ``-hi`` above the range, 0 below it and, with ``relu``, where the code is 0.
+    (``1 - e``, within [0.5, 1.5]) where ``low < v < high`` (the gradient passes to ``x``),
+    ``-e`` elsewhere: ``-hi`` above the range, 0 below it.
 
-    Each step is one pass of one kernel: ``hardtanh_backward(w, v, a, b)`` keeps ``w`` where
-    ``a < v < b`` and writes 0 elsewhere, so bounds one float outside ``[0, hi]`` make it
-    inclusive (with ``relu``, ``v > 0.5``: the codes from 1, as 0.5 rounds to 0).
+    Each step is one pass of one kernel: ``hardtanh_backward(w, v, low, high)`` keeps ``w``
+    where ``low < v < high`` and writes 0 elsewhere. ``_LsqFakeQuant`` passes the floats
+    next to 0 and ``hi`` on the outside, which makes it ``0 <= v <= hi``, or, with a ReLU
+    absorbed, ``low`` 0.5: the codes from 1 (0.5 rounds to 0), as the ReLU passes no
+    gradient where the code is 0.
     """
-    low = 0.5 if relu else _next_float(0.0, -1.0, v.dtype)
     torch.add(v, 1.0, out=w)
-    torch.ops.aten.hardtanh_backward.grad_input(w, v, low, _next_float(hi, math.inf, v.dtype), grad_input=w)
+    torch.ops.aten.hardtanh_backward.grad_input(w, v, low, high, grad_input=w)
     # (v + 1) - round(v) is exact for v >= 0 (the two are within a factor 2 of each other, or
     # round(v) is 0); only v + 1 rounds, as the other encoding's c - offset does
     w.sub_(v.clamp_(0.0, hi).round_())
 
 
 def _saved_two_sided(v: torch.Tensor, w: torch.Tensor, lo: float, hi: float, offset: float) -> None:
-    """LSQ's saved tensor on a grid with a negative code (``lo < 0``), written into ``w``
-    from the quotient ``v``, which becomes the codes: ``e + offset`` inside, the bound
-    outside."""
+    """LSQ's saved tensor on any grid but one from 0, written into ``w`` from the quotient
+    ``v``, which becomes the codes: ``e + offset`` inside, the bound outside."""
     torch.clamp(v, lo, hi, out=w)
     # 1.0 where lo <= x / s <= hi (NaN equals nothing): inclusive, as torch.clamp's own
     # derivative, so the gradient to x passes inside
@@ -241,10 +252,13 @@ class _LsqFakeQuant(torch.autograd.Function):
         offset = 1.0 if hi == 0.0 else 0.0
         v = x if overwrite else torch.empty_like(x, dtype=dtype)
         w = torch.empty_like(v)
+        if from_zero:
+            low = 0.5 if relu else _below_zero(dtype)
+            high = _next_float(hi, math.inf, dtype)
         for v_at, w_at in _quotients(x, s, v, w, overwrite, scale):
             # both leave the codes round(clamp(v, lo, hi)) in v
             if from_zero:
-                _saved_from_zero(v_at, w_at, hi, relu)
+                _saved_from_zero(v_at, w_at, low, high, hi)
             else:
                 _saved_two_sided(v_at, w_at, lo, hi, offset)
             v_at.mul_(s)

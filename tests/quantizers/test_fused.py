@@ -546,3 +546,27 @@ def test_blocks_and_the_whole_tensor_agree(name, monkeypatch):
     assert torch.equal(gx0, gx1)
     if gs0 is not None:
         torch.testing.assert_close(gs0, gs1, rtol=1e-5, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("relu", [False, True])
+def test_flushed_denormals_keep_the_eager_range_test(relu):
+    # the grid-from-0 encoding tests 0 <= x / s against the negative float next to 0; with
+    # denormals flushed that float reads as -0, and an exact 0 must still count as inside
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush denormals")
+    try:
+        x = torch.tensor([0.0, -1e-40, -1e-30, 0.3, 0.05, 30.0] * 4)
+        upstream = torch.linspace(-1.0, 2.0, x.numel())
+        q, ref = _both("uint8 LSQ", x)
+        q.absorbs_relu = relu
+        leaf, leaf0 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        y = q(leaf * 1.0)
+        y0 = eager_forward(ref, leaf0)
+        y0 = torch.relu(y0) if relu else y0
+        y.backward(upstream)
+        y0.backward(upstream)
+    finally:
+        torch.set_flush_denormal(False)
+    assert torch.equal(y.detach(), y0.detach())
+    assert torch.equal(leaf.grad == 0, leaf0.grad == 0)
+    assert leaf.grad[0] == (0.0 if relu else upstream[0])  # the exact 0: inside the range
