@@ -484,16 +484,23 @@ def test_property_overwriting_and_absorbing_a_relu_keep_the_eager_values(x, bits
     ref = Uniform(bits, mode="unsigned", learn_scale=learn)
     ref.load_state_dict(q.state_dict())
     q.overwrites_input, q.absorbs_relu = overwrite, relu
-    upstream = torch.linspace(-1.0, 2.0, x.numel())
+    y, y0, gx, gx0 = _fused_and_eager_then_relu(q, ref, x, relu)
+    assert torch.equal(y, y0)
+    assert torch.equal(gx == 0, gx0 == 0)
+    torch.testing.assert_close(gx, gx0, rtol=2**-23, atol=0)
+
+
+def _fused_and_eager_then_relu(q: Uniform, ref: Uniform, x: torch.Tensor, relu: bool):
+    """(fused output, eager output, their gradients to x): ``q`` on an op's output, ``ref``'s
+    eager chain followed by ``torch.relu`` when ``relu``, both backward from one upstream."""
+    upstream = torch.linspace(-1.0, 2.0, x.numel()).reshape(x.shape)
     leaf, leaf0 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
     y = q(leaf * 1.0)
     y0 = eager_forward(ref, leaf0)
     y0 = torch.relu(y0) if relu else y0
     y.backward(upstream)
     y0.backward(upstream)
-    assert torch.equal(y.detach(), y0.detach())
-    assert torch.equal(leaf.grad == 0, leaf0.grad == 0)
-    torch.testing.assert_close(leaf.grad, leaf0.grad, rtol=2**-23, atol=0)
+    return y.detach(), y0.detach(), leaf.grad, leaf0.grad
 
 
 @pytest.mark.parametrize("layout", ["a slice of a concatenation's gradient", "channels_last"])
@@ -556,17 +563,11 @@ def test_flushed_denormals_keep_the_eager_range_test(relu):
         pytest.skip("this CPU cannot flush denormals")
     try:
         x = torch.tensor([0.0, -1e-40, -1e-30, 0.3, 0.05, 30.0] * 4)
-        upstream = torch.linspace(-1.0, 2.0, x.numel())
         q, ref = _both("uint8 LSQ", x)
         q.absorbs_relu = relu
-        leaf, leaf0 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
-        y = q(leaf * 1.0)
-        y0 = eager_forward(ref, leaf0)
-        y0 = torch.relu(y0) if relu else y0
-        y.backward(upstream)
-        y0.backward(upstream)
+        y, y0, gx, gx0 = _fused_and_eager_then_relu(q, ref, x, relu)
     finally:
         torch.set_flush_denormal(False)
-    assert torch.equal(y.detach(), y0.detach())
-    assert torch.equal(leaf.grad == 0, leaf0.grad == 0)
-    assert leaf.grad[0] == (0.0 if relu else upstream[0])  # the exact 0: inside the range
+    assert torch.equal(y, y0)
+    assert torch.equal(gx == 0, gx0 == 0)
+    assert gx[0] == (0.0 if relu else -1.0)  # the exact 0: inside the range (upstream -1 there)
